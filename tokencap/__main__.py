@@ -1,0 +1,3 @@
+from tokencap.cli import main
+
+main()

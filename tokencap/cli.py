@@ -1,0 +1,207 @@
+"""The `tokencap` command line. Commands parse options and hand the work to a module."""
+
+from __future__ import annotations
+
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tokencap import __version__
+from tokencap.console import stderr_console
+from tokencap.errors import EXIT_USAGE, ConfigError, TokencapError
+
+app = typer.Typer(
+    help="Run an AI agent under a hard budget: every model call metered, the agent stopped "
+    "before the call that would exceed the cap.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DbOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        envvar="TOKENCAP_DB",
+        help="SQLite ledger file. Default: tokencap.db in the XDG data directory.",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tokencap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Meter and cap AI agent runs."""
+
+
+@app.command(
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def run(
+    command: Annotated[list[str], typer.Argument(help="The agent command, after --.")],
+    task: Annotated[str | None, typer.Option(help="Task this run works on.")] = None,
+    agent: Annotated[
+        str | None, typer.Option(help="Agent name. Default: the command's base name.")
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(help="User to attribute. Default: git user.email, else login.")
+    ] = None,
+    team: Annotated[str | None, typer.Option(help="Team to attribute.")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option(help="Free attribute KEY=VALUE; repeatable.")
+    ] = None,
+    max_usd: Annotated[
+        str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.")
+    ] = None,
+    max_calls: Annotated[
+        int | None, typer.Option(help="Maximum number of model calls sent upstream.")
+    ] = None,
+    grace: Annotated[
+        float, typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.")
+    ] = 2.0,
+    db: DbOption = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log each call on stderr while it runs.")
+    ] = False,
+) -> None:
+    """Run COMMAND with its model calls metered and capped.
+
+    Example: tokencap run --task fix-login --max-usd 5 --max-calls 50 -- claude -p "fix it"
+    """
+    from tokencap import attribution, ledger, runner
+
+    console = stderr_console()
+    try:
+        if command and command[0] == "--":
+            command = command[1:]
+        if not command:
+            raise ConfigError("missing the command to run; put it after --")
+        options = runner.RunOptions(
+            argv=command,
+            db_path=db or ledger.default_path(),
+            task=task,
+            agent=agent,
+            user=user,
+            team=team,
+            tags=attribution.parse_tags(tag or []),
+            max_usd=_parse_usd(max_usd),
+            max_calls=_positive_int(max_calls, "--max-calls"),
+            grace=_non_negative(grace, "--grace"),
+        )
+        runner.log_to_file(verbose)
+        result = runner.run(options)
+    except TokencapError as exc:
+        console.print(f"[bold red]tokencap:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+    for provider, model in sorted(result.unknown_models):
+        console.print(
+            f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
+            f"were charged at the highest {provider} rates and flagged as estimated"
+        )
+    if result.refusal is not None:
+        stopped = result.stop.signalled if result.stop else 0
+        console.print(
+            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
+            f"${result.spent_usd} spent, {result.calls} calls, "
+            f"{stopped} processes stopped (session {result.session_id})"
+        )
+    elif verbose:
+        console.print(
+            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
+            f"{result.calls} calls, exit status {result.exit_code}"
+        )
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def report(
+    db: DbOption = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    limit: Annotated[int, typer.Option(help="Number of sessions to show.")] = 50,
+) -> None:
+    """Show recorded sessions, newest first, with their calls, tokens and cost."""
+    from tokencap import ledger
+    from tokencap import report as report_module
+
+    console = stderr_console()
+    if output_format not in ("table", "json"):
+        console.print(
+            f"[bold red]tokencap:[/] invalid --format {output_format!r}: use table or json"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    path = db or ledger.default_path()
+    if not path.exists():
+        rows = []
+    else:
+        try:
+            book = ledger.Ledger(path)
+            rows = report_module.sessions(book, limit)
+            book.close()
+        except TokencapError as exc:
+            console.print(f"[bold red]tokencap:[/] {exc}")
+            raise typer.Exit(exc.exit_code) from None
+    if output_format == "json":
+        sys.stdout.write(report_module.to_json(rows) + "\n")
+        return
+    from rich.console import Console
+
+    report_module.print_report(Console(), rows)
+
+
+@app.command()
+def demo(
+    db: DbOption = None,
+    max_usd: Annotated[str, typer.Option(help="Dollar cap for the demo run.")] = "0.05",
+) -> None:
+    """Run a small example agent against a built-in simulated provider, under a cap.
+
+    Needs no API key and no network: the simulated provider runs on 127.0.0.1.
+    """
+    from tokencap import demo as demo_module
+
+    code = demo_module.run_demo(db, _parse_usd(max_usd))
+    raise typer.Exit(code)
+
+
+def _parse_usd(value: str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        amount = Decimal(value.strip().lstrip("$"))
+    except InvalidOperation:
+        raise ConfigError(
+            f"invalid --max-usd {value!r}: expected dollars, such as 5 or 0.50"
+        ) from None
+    if not amount.is_finite() or amount <= 0:
+        raise ConfigError(f"invalid --max-usd {value!r}: the cap must be more than 0")
+    return amount
+
+
+def _positive_int(value: int | None, name: str) -> int | None:
+    if value is not None and value < 1:
+        raise ConfigError(f"invalid {name} {value}: it must be at least 1")
+    return value
+
+
+def _non_negative(value: float, name: str) -> float:
+    if value < 0:
+        raise ConfigError(f"invalid {name} {value}: it must be 0 or more")
+    return value
+
+
+def main() -> None:
+    """Run the command line."""
+    app()

@@ -1,0 +1,208 @@
+"""The SQLite ledger: one row per session, one row per model call.
+
+The file is shared by every `tokencap run` on the machine, so it runs in WAL mode and each
+write is its own short transaction. A call row is committed before the proxy answers the agent,
+so killing tokencap loses nothing that was already answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from tokencap.errors import LedgerError
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]):
+    """Register a schema change; migrations run once each, in the order they are defined."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_sessions_and_calls(db: sqlite_utils.Database) -> None:
+    db["sessions"].create(
+        {
+            "id": str,
+            "task": str,
+            "agent": str,
+            "user": str,
+            "team": str,
+            "tags": str,  # JSON object
+            "ci": str,  # JSON object
+            "command": str,  # JSON array
+            "cwd": str,
+            "hostname": str,
+            "pid": int,
+            "max_usd": str,
+            "max_calls": int,
+            "started_at": str,
+            "ended_at": str,
+            "status": str,
+            "end_reason": str,
+            "exit_status": int,
+            "processes_stopped": int,
+            "tokencap_version": str,
+        },
+        pk="id",
+    )
+    db["sessions"].create_index(["started_at"])
+    db["sessions"].create_index(["task"])
+
+    db["calls"].create(
+        {
+            "id": int,
+            "session_id": str,
+            "seq": int,
+            "started_at": str,
+            "ended_at": str,
+            "provider": str,
+            "api": str,
+            "method": str,
+            "path": str,
+            "model": str,
+            "upstream_request_id": str,
+            "agent_prompt_id": str,
+            "decision": str,  # admitted | refused
+            "refusal_reason": str,
+            "http_status": int,
+            "status": str,  # ok | upstream_error | cut | dropped | garbled | refused | failed
+            "error": str,
+            "streamed": int,
+            "input_tokens": int,
+            "cache_read_tokens": int,
+            "cache_write_5m_tokens": int,
+            "cache_write_1h_tokens": int,
+            "output_tokens": int,
+            "reasoning_tokens": int,
+            "usage_estimated": int,
+            "estimate_usd": str,
+            "cost_usd": str,
+            "cost_pico_usd": int,
+            "cost_estimated": int,
+            "price_source": str,
+            "latency_ms": float,
+            "ttfb_ms": float,
+        },
+        pk="id",
+        foreign_keys=[("session_id", "sessions", "id")],
+    )
+    db["calls"].create_index(["session_id", "seq"], unique=True)
+    db["calls"].create_index(["started_at"])
+    db["calls"].create_index(["model"])
+
+
+def migrate(db: sqlite_utils.Database) -> None:
+    """Apply every migration not yet recorded in the `_migrations` table."""
+    with db.conn:
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+        )
+    applied = {row[0] for row in db.execute("SELECT name FROM _migrations").fetchall()}
+    for fn in MIGRATIONS:
+        if fn.__name__ in applied:
+            continue
+        # BEGIN IMMEDIATE makes a second process wait instead of applying the same migration.
+        with db.conn:
+            db.execute("BEGIN IMMEDIATE")
+            done = db.execute("SELECT 1 FROM _migrations WHERE name = ?", [fn.__name__])
+            if done.fetchone() is None:
+                fn(db)
+                db["_migrations"].insert({"name": fn.__name__, "applied_at": now_iso()})
+
+
+def now_iso() -> str:
+    """Return the current UTC time as an ISO 8601 string with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def default_path() -> Path:
+    """Return the ledger path: $TOKENCAP_DB, else tokencap.db in the XDG data directory."""
+    if os.environ.get("TOKENCAP_DB"):
+        return Path(os.environ["TOKENCAP_DB"]).expanduser()
+    return data_dir() / "tokencap.db"
+
+
+def data_dir() -> Path:
+    """Return tokencap's data directory under $XDG_DATA_HOME (default ~/.local/share)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tokencap"
+
+
+class Ledger:
+    """Reads and writes the sessions and calls tables of one SQLite file."""
+
+    def __init__(self, path: Path | str, *, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise LedgerError(f"no ledger at {self.path}: run `tokencap run` first")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The proxy writes from its event loop thread only; isolation_level=None leaves
+            # transactions to the explicit `with conn` blocks below.
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db = sqlite_utils.Database(conn)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            migrate(self.db)
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerError(f"cannot open the ledger at {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self.db.conn.close()
+
+    # --- Sessions -------------------------------------------------------------------------
+
+    def start_session(self, row: dict[str, Any]) -> None:
+        """Insert a new session row; JSON-typed fields may be given as Python objects."""
+        row = dict(row)
+        for key in ("tags", "ci", "command"):
+            if not isinstance(row.get(key), str | None):
+                row[key] = json.dumps(row[key])
+        row.setdefault("started_at", now_iso())
+        row.setdefault("status", "running")
+        self._write(lambda: self.db["sessions"].insert(row))
+
+    def end_session(self, session_id: str, **values: Any) -> None:
+        """Record how a session ended."""
+        values.setdefault("ended_at", now_iso())
+        self._write(lambda: self.db["sessions"].update(session_id, values))
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        """Return one session row, or None."""
+        rows = list(self.db["sessions"].rows_where("id = ?", [session_id]))
+        return rows[0] if rows else None
+
+    # --- Calls ----------------------------------------------------------------------------
+
+    def record_call(self, row: dict[str, Any]) -> int:
+        """Insert one call row and return its id."""
+        table = self.db["calls"]
+        self._write(lambda: table.insert(row))
+        return table.last_pk
+
+    def update_call(self, call_id: int, values: dict[str, Any]) -> None:
+        """Update a call row, for example when its response settles."""
+        self._write(lambda: self.db["calls"].update(call_id, values))
+
+    def calls(self, session_id: str) -> list[dict[str, Any]]:
+        """Return the calls of one session in order."""
+        return list(self.db["calls"].rows_where("session_id = ?", [session_id], order_by="seq"))
+
+    def _write(self, action: Callable[[], Any]) -> None:
+        try:
+            with self.db.conn:
+                action()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot write to the ledger at {self.path}: {exc}") from exc
