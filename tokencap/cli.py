@@ -5,13 +5,16 @@ from __future__ import annotations
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tokencap import __version__
 from tokencap.console import stderr_console
 from tokencap.errors import EXIT_USAGE, ConfigError, TokencapError
+
+if TYPE_CHECKING:
+    from tokencap.runner import RunResult
 
 app = typer.Typer(
     help="Run an AI agent under a hard budget: every model call metered, the agent stopped "
@@ -106,23 +109,7 @@ def run(
         console.print(f"[bold red]tokencap:[/] {exc}")
         raise typer.Exit(exc.exit_code) from None
 
-    for provider, model in sorted(result.unknown_models):
-        console.print(
-            f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
-            f"were charged at the highest {provider} rates and flagged as estimated"
-        )
-    if result.refusal is not None:
-        stopped = result.stop.signalled if result.stop else 0
-        console.print(
-            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
-            f"${result.spent_usd} spent, {result.calls} calls, "
-            f"{stopped} processes stopped (session {result.session_id})"
-        )
-    elif verbose:
-        console.print(
-            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
-            f"{result.calls} calls, exit status {result.exit_code}"
-        )
+    print_run_result(result, verbose)
     raise typer.Exit(result.exit_code)
 
 
@@ -174,6 +161,28 @@ def demo(
 
     code = demo_module.run_demo(db, _parse_usd(max_usd))
     raise typer.Exit(code)
+
+
+def print_run_result(result: RunResult, verbose: bool = False) -> None:
+    """Print the end of a run on stderr: the cap line, unknown prices, or with verbose a summary."""
+    console = stderr_console()
+    for provider, model in sorted(result.unknown_models):
+        console.print(
+            f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
+            f"were charged at the highest {provider} rates and flagged as estimated"
+        )
+    if result.refusal is not None:
+        stopped = result.stop.signalled if result.stop else 0
+        console.print(
+            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
+            f"${result.spent_usd} spent, {result.calls} calls, "
+            f"{stopped} processes stopped (session {result.session_id})"
+        )
+    elif verbose:
+        console.print(
+            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
+            f"{result.calls} calls, exit status {result.exit_code}"
+        )
 
 
 def _parse_usd(value: str | None) -> Decimal | None:

@@ -348,7 +348,7 @@ class Child:
         logger.info("stopping agent pid %d: %d processes in its tree", self.pid, len(alive))
         for sig in (signal.SIGTERM, signal.SIGCONT):
             self._signal_group(sig)
-            pass
+            _send(alive, sig)
 
         # psutil.wait_procs() is not used here because it would waitpid() the main child and
         # take its exit status away from Popen, which would then report 0.
@@ -365,7 +365,7 @@ class Child:
             if not alive:
                 break
             self._signal_group(signal.SIGKILL)
-            pass
+            _send(alive, signal.SIGKILL)
             killed.update(alive)
             await self._wait_gone(alive, KILL_WAIT_SECONDS)
 
