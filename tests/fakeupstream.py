@@ -876,6 +876,13 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.fake._unregister_connection(self.connection)
 
+    def handle(self) -> None:
+        # A client that resets an idle keep-alive connection is normal, not a server error.
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as error:
+            logger.debug("fake upstream: %s closed the connection: %s", self.client_address, error)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("fake upstream %s: %s", self.address_string(), format % args)
 

@@ -51,7 +51,7 @@ TREE_AGENT = textwrap.dedent(
                 record("daemon", os.getpid())
                 time.sleep(600)
             os._exit(0)
-        # Record only after the intermediate process is reaped, so a test that sees every
+        # Record only after the intermediate process is reaped, so a test that finds every
         # line knows the tree has exactly four live processes.
         os.waitpid(middle, 0)
         record("grandchild", os.getpid())
@@ -157,9 +157,7 @@ def subreaper() -> None:
     assert is_subreaper()
 
 
-def spawn_script(
-    children: list[Child], tmp_path: Path, source: str, *args: str | Path
-) -> Child:
+def spawn_script(children: list[Child], tmp_path: Path, source: str, *args: str | Path) -> Child:
     script = tmp_path / "agent.py"
     script.write_text(source)
     child = Child.spawn([sys.executable, str(script), *map(str, args)], env=dict(os.environ))
@@ -239,9 +237,7 @@ def test_stop_tree_kills_process_ignoring_sigterm(children, tmp_path, pid_file):
 
 
 def test_stop_tree_continues_stopped_process(children, tmp_path, pid_file):
-    child = spawn_script(
-        children, tmp_path, HANDLES_SIGNAL, pid_file, int(signal.SIGTERM), 3
-    )
+    child = spawn_script(children, tmp_path, HANDLES_SIGNAL, pid_file, int(signal.SIGTERM), 3)
     read_pids(pid_file, expected_lines=1)
     os.kill(child.pid, signal.SIGSTOP)
 
@@ -265,7 +261,7 @@ def test_stop_tree_with_nothing_running(children):
     assert result.survivors == []
 
 
-def test_wait_returns_exit_status_and_reaps_orphans(subreaper, children, tmp_path, pid_file):
+def test_wait_reaps_orphans_returns_status(subreaper, children, tmp_path, pid_file):
     child = spawn_script(children, tmp_path, ORPHAN_AGENT, pid_file, "exit")
     pids = read_pids(pid_file, expected_lines=5)
     short_lived = pids["short"]
@@ -393,7 +389,7 @@ def test_spawn_rejects_bad_working_directory(tmp_path):
         Child.spawn([sys.executable, "-c", "pass"], env=dict(os.environ), cwd=str(tmp_path / "x"))
 
 
-def test_spawn_resolves_relative_path_entry_against_cwd(children, tmp_path):
+def test_spawn_relative_path_entry_uses_cwd(children, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     tool = bin_dir / "agent-tool"

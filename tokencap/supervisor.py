@@ -1,9 +1,9 @@
 """Start the wrapped agent, forward signals to it, and stop its whole process tree.
 
 The agent runs in its own session and process group so that one ``killpg`` reaches the
-processes it starts. Descendants that leave the group (``setsid``, double fork) are still
-found because tokencap makes itself a child subreaper: on Linux, orphans then re-parent to
-tokencap instead of to init, and stay visible as its descendants.
+processes it starts. A descendant that calls ``setsid`` leaves that group, and one that
+double-forks is no longer a descendant of the agent. Both are still found because tokencap
+makes itself a child subreaper, so on Linux orphans re-parent to tokencap instead of to init.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def become_subreaper() -> bool:
         _prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1))
     except (OSError, AttributeError) as exc:
         logger.warning(
-            "prctl(PR_SET_CHILD_SUBREAPER) failed: %s; processes that leave the agent's "
+            "prctl(PR_SET_CHILD_SUBREAPER) failed: %s. Processes that leave the agent's "
             "process group will not be found when stopping it",
             exc,
         )
@@ -78,7 +78,7 @@ def become_subreaper() -> bool:
 
 
 def is_subreaper() -> bool:
-    """Report whether this process is a child subreaper (always False outside Linux)."""
+    """Return True if this process is a child subreaper. Always False outside Linux."""
     if not sys.platform.startswith("linux"):
         return False
 
@@ -150,11 +150,20 @@ def _resolve_executable(command: str, env: dict[str, str], cwd: str | None) -> s
     )
 
 
-def _is_alive(proc: psutil.Process) -> bool:
+def _is_zombie_or_gone(proc: psutil.Process) -> bool:
     try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        return proc.status() == psutil.STATUS_ZOMBIE
     except psutil.Error:
-        return False
+        return True
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    # is_running() compares the start time too, so a reused pid does not count as alive.
+    return proc.is_running() and not _is_zombie_or_gone(proc)
+
+
+def _any_alive(procs: list[psutil.Process]) -> bool:
+    return any(_is_alive(proc) for proc in procs)
 
 
 def _send(procs: list[psutil.Process], sig: signal.Signals) -> None:
@@ -180,11 +189,14 @@ class Child:
         """Start argv in a new session and process group, sharing tokencap's stdio.
 
         The agent owns the terminal, so stdin, stdout and stderr are inherited unchanged.
+        NOTE: the new session has no controlling terminal, so the agent can still use the
+        inherited terminal fds (raw mode works) but opening /dev/tty fails with ENXIO, and
+        terminal-generated signals such as SIGINT and SIGTSTP reach only tokencap.
         Raises CommandNotFound when argv[0] is missing or not executable, and ConfigError
         when argv is empty or cwd is not a directory.
         """
         if not argv:
-            raise ConfigError("no command given: pass the agent command after `--`")
+            raise ConfigError("no command to run. Pass the agent command after `--`.")
         if cwd is not None and not os.path.isdir(cwd):
             raise ConfigError(f"working directory {cwd!r} does not exist or is not a directory")
 
@@ -246,7 +258,7 @@ class Child:
         reaped = 0
         while True:
             try:
-                # WNOWAIT leaves the status in place: this call only finds which child exited,
+                # WNOWAIT leaves the status in place, so this call only finds which child exited,
                 # and the waitpid() below collects that specific pid.
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
@@ -256,7 +268,7 @@ class Child:
 
             if info.si_pid == self.pid:
                 if self._popen.poll() is None:
-                    # Another thread holds Popen's waitpid lock and will reap it.
+                    # Another thread holds Popen's waitpid lock and is reaping it.
                     return reaped
                 continue
 
@@ -270,7 +282,7 @@ class Child:
             logger.debug("reaped orphan pid %d", info.si_pid)
 
     def send_signal(self, sig: int) -> None:
-        """Send sig to the agent's process group; do nothing if the main child has exited."""
+        """Send sig to the agent's process group, or do nothing if the main child has exited."""
         if self._popen.poll() is not None:
             return
 
@@ -297,12 +309,13 @@ class Child:
         except psutil.Error as exc:
             logger.warning("cannot list child processes: %s", exc)
             return []
-        return [proc for proc in descendants if proc.pid != me and _is_alive(proc)]
+        # children() has just checked each start time, so only the state is read here.
+        return [proc for proc in descendants if proc.pid != me and not _is_zombie_or_gone(proc)]
 
     def _signal_group(self, sig: signal.Signals) -> None:
         # Once Popen has reaped the main child its pid may be reused by an unrelated process
-        # group, so the group is only signalled before that. Group members remaining after it
-        # are still in tree() thanks to the subreaper, and get signalled one by one.
+        # group, so the group is only signalled before that. With the subreaper set, group
+        # members left after that are still in tree() and are signalled one by one.
         if self._popen.returncode is not None:
             return
         try:
@@ -314,9 +327,12 @@ class Child:
                 "cannot send %s to process group %d: permission denied", sig.name, self.pid
             )
 
-    def _scan(self, seen: set[psutil.Process]) -> list[psutil.Process]:
+    async def _scan(self, seen: set[psutil.Process]) -> list[psutil.Process]:
+        # Reaping stays on the event loop thread, like wait() and send_signal(), so the main
+        # child cannot be reaped between _signal_group()'s check and its killpg(). Listing the
+        # tree reads several /proc files per process, so it runs in a worker thread instead.
         self.reap_zombies()
-        alive = self.tree()
+        alive = await asyncio.to_thread(self.tree)
         seen.update(alive)
         return alive
 
@@ -324,7 +340,7 @@ class Child:
         deadline = time.monotonic() + timeout
         while True:
             self.reap_zombies()
-            if not any(_is_alive(proc) for proc in procs):
+            if not await asyncio.to_thread(_any_alive, procs):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -336,7 +352,7 @@ class Child:
 
         Processes forked during the grace period get no SIGTERM, so that cleanup helpers the
         agent starts on SIGTERM can run, but they are killed with the rest if still alive when
-        the grace period ends. Every zombie is reaped before returning.
+        the grace period ends. Zombie children of tokencap are reaped before returning.
         """
         started = time.monotonic()
         seen: set[psutil.Process] = set()
@@ -344,11 +360,11 @@ class Child:
 
         # SIGCONT lets stopped processes run their SIGTERM handler instead of waiting for
         # SIGKILL.
-        alive = self._scan(seen)
+        alive = await self._scan(seen)
         logger.info("stopping agent pid %d: %d processes in its tree", self.pid, len(alive))
         for sig in (signal.SIGTERM, signal.SIGCONT):
             self._signal_group(sig)
-            _send(alive, sig)
+            await asyncio.to_thread(_send, alive, sig)
 
         # psutil.wait_procs() is not used here because it would waitpid() the main child and
         # take its exit status away from Popen, which would then report 0.
@@ -358,19 +374,19 @@ class Child:
             if remaining <= 0:
                 break
             await asyncio.sleep(min(STOP_POLL_SECONDS, remaining))
-            alive = self._scan(seen)
+            alive = await self._scan(seen)
 
         for _ in range(MAX_KILL_ROUNDS):
-            alive = self._scan(seen)
+            alive = await self._scan(seen)
             if not alive:
                 break
             self._signal_group(signal.SIGKILL)
-            _send(alive, signal.SIGKILL)
+            await asyncio.to_thread(_send, alive, signal.SIGKILL)
             killed.update(alive)
             await self._wait_gone(alive, KILL_WAIT_SECONDS)
 
         self.reap_zombies()
-        survivors = sorted(proc.pid for proc in self.tree())
+        survivors = sorted(proc.pid for proc in await asyncio.to_thread(self.tree))
         result = StopResult(
             signalled=len(seen),
             killed=len(killed),
