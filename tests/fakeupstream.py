@@ -825,6 +825,12 @@ def _split_event(data: bytes) -> list[bytes]:
     return [data[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 
+def _chunk(data: bytes) -> bytes:
+    """Frame data as one HTTP/1.1 chunk, or return b"" for no data, since an empty chunk would
+    end the body."""
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+
+
 def _accepts_gzip(accept_encoding: str) -> bool:
     for item in accept_encoding.split(","):
         coding, _, params = item.strip().partition(";")
@@ -1104,30 +1110,32 @@ class _Handler(BaseHTTPRequestHandler):
         for position, event in enumerate(events):
             if behavior.drop_after_events is not None and position >= behavior.drop_after_events:
                 self._drop_connection()
-            self._write_event(event, split=behavior.split_events)
-            record.events_sent += 1
             is_last = position == len(events) - 1
-            self._wait_between_events(0.0 if is_last else behavior.event_delay)
-
-        if self._compressor is not None:
-            self._write_chunk(self._compressor.flush(zlib.Z_FINISH))
-        self._write(b"0\r\n\r\n")
+            self._write_event(event, split=behavior.split_events, last=is_last)
+            record.events_sent += 1
+            if not is_last:
+                self._wait_between_events(behavior.event_delay)
         record.completed = True
 
-    def _write_event(self, event: bytes, *, split: bool) -> None:
+    def _write_event(self, event: bytes, *, split: bool, last: bool) -> None:
         pieces = _split_event(event) if split else [event]
         for position, piece in enumerate(pieces):
             if self._compressor is not None:
                 # A sync flush per piece lets the client inflate each piece as soon as it lands.
                 piece = self._compressor.compress(piece) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
-            self._write_chunk(piece)
+            data = _chunk(piece)
             if position < len(pieces) - 1:
+                self._write(data)
                 self._wait_between_events(SPLIT_PAUSE)
-
-    def _write_chunk(self, data: bytes) -> None:
-        # An empty chunk would end the chunked body, so there is nothing to send for no bytes.
-        if data:
-            self._write(b"%x\r\n%s\r\n" % (len(data), data))
+                continue
+            if last:
+                # The end of the body goes out in the same write as the last event. A client
+                # such as the openai SDK closes the connection as soon as it has parsed the
+                # last event, and a later write could then fail although the client got it all.
+                if self._compressor is not None:
+                    data += _chunk(self._compressor.flush(zlib.Z_FINISH))
+                data += b"0\r\n\r\n"
+            self._write(data)
 
     def _drop_connection(self) -> None:
         """Close the connection without finishing the body, and raise _Dropped."""

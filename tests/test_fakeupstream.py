@@ -56,31 +56,54 @@ OPENAI_RESPONSES_TOOL = {
 }
 
 
-@pytest.fixture
-def up() -> Iterator[FakeUpstream]:
+@pytest.fixture(scope="module")
+def shared_upstream() -> Iterator[FakeUpstream]:
+    # One server and one set of clients per module keeps the suite fast: each SDK client takes
+    # tens of milliseconds to build its TLS context. Tests that stop a server start their own.
     with FakeUpstream(**USAGE) as server:
         yield server
 
 
 @pytest.fixture
-def anthropic_client(up: FakeUpstream) -> Iterator[anthropic.Anthropic]:
-    client = anthropic.Anthropic(api_key="test", base_url=up.url, max_retries=0, timeout=10)
-    yield client
-    client.close()
+def up(shared_upstream: FakeUpstream) -> FakeUpstream:
+    """Return the shared server with no records, no queued behaviours and the USAGE default."""
+    shared_upstream.clear()
+    shared_upstream.default = Behavior(**USAGE)
+    return shared_upstream
 
 
-@pytest.fixture
-def openai_client(up: FakeUpstream) -> Iterator[openai.OpenAI]:
-    client = openai.OpenAI(api_key="test", base_url=up.url + "/v1", max_retries=0, timeout=10)
-    yield client
-    client.close()
+def make_anthropic_client(url: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key="test", base_url=url, max_retries=0, timeout=10)
 
 
-@pytest.fixture
-def gemini_client(up: FakeUpstream) -> Iterator[genai.Client]:
+def make_openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(api_key="test", base_url=url + "/v1", max_retries=0, timeout=10)
+
+
+def make_gemini_client(url: str) -> genai.Client:
     # HttpOptions.timeout is in milliseconds. Without retry_options the SDK does not retry.
-    options = genai_types.HttpOptions(base_url=up.url, timeout=10_000)
-    client = genai.Client(api_key="test", http_options=options)
+    return genai.Client(
+        api_key="test", http_options=genai_types.HttpOptions(base_url=url, timeout=10_000)
+    )
+
+
+@pytest.fixture(scope="module")
+def anthropic_client(shared_upstream: FakeUpstream) -> Iterator[anthropic.Anthropic]:
+    client = make_anthropic_client(shared_upstream.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def openai_client(shared_upstream: FakeUpstream) -> Iterator[openai.OpenAI]:
+    client = make_openai_client(shared_upstream.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gemini_client(shared_upstream: FakeUpstream) -> Iterator[genai.Client]:
+    client = make_gemini_client(shared_upstream.url)
     yield client
     client.close()
 
@@ -165,9 +188,7 @@ def call_gemini_json(clients: Clients) -> tuple[str, Any]:
 
 
 def call_gemini_stream(clients: Clients) -> tuple[str, Any]:
-    chunks = list(
-        clients.gemini.models.generate_content_stream(model="gemini-test", contents="hi")
-    )
+    chunks = list(clients.gemini.models.generate_content_stream(model="gemini-test", contents="hi"))
     text = "".join(chunk.text or "" for chunk in chunks)
     return text, chunks[-1].usage_metadata.candidates_token_count
 
@@ -179,7 +200,7 @@ class Clients:
         self.gemini = gemini_client
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def clients(
     anthropic_client: anthropic.Anthropic, openai_client: openai.OpenAI, gemini_client: genai.Client
 ) -> Clients:
@@ -224,7 +245,7 @@ def test_anthropic_json_usage(up: FakeUpstream, anthropic_client: anthropic.Anth
     assert message.stop_reason == "end_turn"
     assert message.content[0].text == up.default.text
 
-    records = up.inference_requests()
+    records = up.wait_for_requests(1)
     assert len(records) == 1
     assert records[0].completed
     assert records[0].stream is False
@@ -310,8 +331,9 @@ def test_anthropic_stream_accumulated_usage(
     assert message.usage.cache_read_input_tokens == 800
     assert message.usage.cache_creation_input_tokens == 100
     assert message.content[0].text == up.default.text
-    assert len(up.inference_requests()) == 1
-    assert up.inference_requests()[0].completed
+    records = up.wait_for_requests(1)
+    assert len(records) == 1
+    assert records[0].completed
 
 
 def test_anthropic_beta_query_allowed(
@@ -615,8 +637,9 @@ def test_split_events_reassembled(up: FakeUpstream, clients: Clients, call: Call
 
     assert text == MULTIBYTE_TEXT
     assert output_tokens == 345
-    assert len(up.inference_requests()) == 1
-    assert up.inference_requests()[0].completed
+    records = up.wait_for_requests(1)
+    assert len(records) == 1
+    assert records[0].completed
 
 
 def test_split_event_cuts_multibyte_character() -> None:
@@ -714,7 +737,7 @@ def test_anthropic_error_status(
     assert raised.value.body["type"] == "error"
     assert raised.value.body["error"]["type"] == error_type
     assert "usage" not in raised.value.body
-    records = up.inference_requests()
+    records = up.wait_for_requests(1)
     assert len(records) == 1
     assert records[0].status == status
     assert records[0].completed
@@ -970,42 +993,51 @@ def test_client_disconnect_recorded(
     assert record.ended - record.started < 2
 
 
-def test_stop_during_stream_is_prompt(up: FakeUpstream) -> None:
-    up.script(slow=True)
-    client = openai.OpenAI(api_key="test", base_url=up.url + "/v1", max_retries=0, timeout=10)
+def test_stop_during_stream_is_prompt() -> None:
     first_chunk = threading.Event()
     failures: list[BaseException] = []
 
-    def read_stream() -> None:
-        try:
-            for _ in client.chat.completions.create(model="m", messages=PROMPT, stream=True):
-                first_chunk.set()
-        except openai.APIConnectionError as error:
-            failures.append(error)
+    with FakeUpstream(slow=True) as own:
+        client = make_openai_client(own.url)
 
-    reader = threading.Thread(target=read_stream)
-    reader.start()
-    assert first_chunk.wait(5)
-    started = time.monotonic()
-    up.stop()
-    stop_seconds = time.monotonic() - started
-    reader.join(5)
-    client.close()
+        def read_stream() -> None:
+            try:
+                for _ in client.chat.completions.create(model="m", messages=PROMPT, stream=True):
+                    first_chunk.set()
+            except openai.APIConnectionError as error:
+                failures.append(error)
+
+        reader = threading.Thread(target=read_stream)
+        reader.start()
+        assert first_chunk.wait(5)
+        started = time.monotonic()
+        own.stop()
+        stop_seconds = time.monotonic() - started
+        reader.join(5)
+        client.close()
 
     assert stop_seconds < 2
     assert not reader.is_alive()
     assert len(failures) == 1
-    assert not up.inference_requests()[0].completed
+    record = own.inference_requests()[0]
+    assert record.finished.is_set()
+    assert not record.completed
+    assert not record.disconnected
 
 
-def test_stop_with_idle_keepalive_connection(up: FakeUpstream, clients: Clients) -> None:
-    # The SDK keeps the connection open for reuse, so the handler thread is blocked reading.
-    clients.anthropic.messages.create(model="m", max_tokens=5, messages=PROMPT)
+def test_stop_with_idle_keepalive_connection() -> None:
+    with FakeUpstream() as own:
+        client = make_anthropic_client(own.url)
+        # The client keeps the connection open for reuse, so a handler thread is blocked reading.
+        client.messages.create(model="m", max_tokens=5, messages=PROMPT)
 
-    started = time.monotonic()
-    up.stop()
+        started = time.monotonic()
+        own.stop()
+        stop_seconds = time.monotonic() - started
+        client.close()
 
-    assert time.monotonic() - started < 2
+    assert stop_seconds < 2
+    assert own.requests[0].completed
 
 
 def test_concurrent_requests(up: FakeUpstream, clients: Clients) -> None:
@@ -1034,9 +1066,9 @@ def test_concurrent_requests(up: FakeUpstream, clients: Clients) -> None:
     assert errors == []
     assert len(results) == len(calls)
     assert all(output_tokens == 345 for _, output_tokens in results)
-    records = up.inference_requests()
+    records = up.wait_for_requests(len(calls))
     assert len(records) == len(calls)
-    assert all(record.completed for record in records)
+    assert [r.route for r in records if not r.completed] == []
     assert len({record.response_id for record in records}) == len(calls)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from decimal import Decimal
 
 import pytest
@@ -170,14 +171,13 @@ def test_gemini_array_stream_is_metered(upstream, run_tokencap, tmp_path):
     script = (
         "import os, json, urllib.request\n"
         "base = os.environ['GOOGLE_GEMINI_BASE_URL']\n"
-        "req = urllib.request.Request(base + '/v1beta/models/gemini-2.5-flash:streamGenerateContent',"
+        "url = base + '/v1beta/models/gemini-2.5-flash:streamGenerateContent'\n"
+        "req = urllib.request.Request(url,"
         " data=json.dumps({'contents': [{'parts': [{'text': 'hi'}]}]}).encode(),"
         " headers={'content-type': 'application/json', 'x-goog-api-key': 'k'})\n"
         "body = urllib.request.urlopen(req).read()\n"
         "assert isinstance(json.loads(body), list)\n"
     )
-    import sys
-
     run = run_tokencap([], [sys.executable, "-c", script])
 
     assert run.exit_code == 0, run.stderr

@@ -11,7 +11,7 @@ import typer
 
 from tokencap import __version__
 from tokencap.console import stderr_console
-from tokencap.errors import EXIT_USAGE, ConfigError, TokencapError
+from tokencap.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, TokencapError
 
 if TYPE_CHECKING:
     from tokencap.runner import RunResult
@@ -159,8 +159,67 @@ def demo(
     """
     from tokencap import demo as demo_module
 
-    code = demo_module.run_demo(db, _parse_usd(max_usd))
+    try:
+        code = demo_module.run_demo(db, _parse_usd(max_usd))
+    except TokencapError as exc:
+        stderr_console().print(f"[bold red]tokencap:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
     raise typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, help="TCP port on 127.0.0.1 to listen on; 0 picks a free port."
+        ),
+    ] = 7086,
+) -> None:
+    """Run a simulated model provider on 127.0.0.1 until Ctrl-C.
+
+    It answers Anthropic, OpenAI and Gemini API calls with canned replies and realistic usage,
+    so agents and SDKs can be tried under tokencap without an API key or network.
+    """
+    import threading
+
+    from tokencap.simulator import SimulatedCall, SimulatedProvider
+
+    console = stderr_console()
+
+    def show_call(call: SimulatedCall) -> None:
+        mode = "stream" if call.streamed else "json"
+        console.print(
+            f"{call.api} {call.model or '?'} ({mode}): HTTP {call.status}, "
+            f"{call.input_tokens} input and {call.output_tokens} output tokens"
+        )
+
+    simulator = SimulatedProvider(port, on_call=show_call)
+    try:
+        simulator.start()
+    except OSError as exc:
+        console.print(
+            f"[bold red]tokencap:[/] cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}; "
+            "choose another --port, or --port 0 for a free one"
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+    with simulator:
+        console.print(f"[bold]Simulated model provider listening on {simulator.url}[/]")
+        console.print("Point agents at it from another shell:")
+        for name, value in simulator.environment().items():
+            console.print(f"  export {name}={value}")
+        console.print(
+            "It accepts any API key. SDKs that insist on one can use a dummy:\n"
+            "  export ANTHROPIC_API_KEY=test OPENAI_API_KEY=test GEMINI_API_KEY=test\n"
+            "Then run an agent under tokencap, such as: "
+            "tokencap run --max-calls 3 -- python -m tokencap.demo_agent\n"
+            "Press Ctrl-C to stop."
+        )
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            console.print(f"Simulated provider stopped after {simulator.inference_requests} calls.")
 
 
 def print_run_result(result: RunResult, verbose: bool = False) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +31,11 @@ def main() -> int:
     parser.add_argument("--prompt", default="hello")
     parser.add_argument("--user-id", default=None, help="Anthropic metadata.user_id")
     parser.add_argument("--keep-going", action="store_true", help="continue after an error")
+    parser.add_argument("--ignore-sigterm", action="store_true", help="only SIGKILL stops it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     lock = threading.Lock()
 
