@@ -5,7 +5,6 @@ Every test starts the real `tokencap` executable as a subprocess against the fak
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import SDK_AGENT, TOKENCAP, query
+from tests.conftest import TOKENCAP, query
 from tests.fakeupstream import Behavior
 
 pytestmark = pytest.mark.slow
@@ -265,6 +264,7 @@ def test_attribution_defaults(plain_agent, tokencap_env, tmp_path):
 def test_user_defaults_to_login_without_git_email(plain_agent, tokencap_env, tmp_path):
     git_config = tmp_path / "gitconfig"
     git_config.write_text("")
+    # With no git email tokencap falls back to getpass.getuser(), which reads LOGNAME first.
     env = tokencap_env | {
         "GIT_CONFIG_GLOBAL": str(git_config),
         "GIT_CONFIG_NOSYSTEM": "1",
@@ -276,8 +276,6 @@ def test_user_defaults_to_login_without_git_email(plain_agent, tokencap_env, tmp
     assert result.returncode == 0, result.stderr
     (session,) = query(tmp_path / "ledger.db", "SELECT * FROM sessions")
     assert session["user"] == "tokencap-login"
-    # getpass.getuser() reads LOGNAME first, so the test controls the fallback this way.
-    assert getpass.getuser() != "" or True
 
 
 def test_github_actions_metadata_recorded(run_tokencap, tokencap_env):
@@ -468,7 +466,3 @@ def test_db_variable_selects_ledger(tokencap_env, tmp_path):
     assert not (tmp_path / "ledger.db").exists()
     assert not (tmp_path / "data" / "tokencap" / "tokencap.db").exists()
     assert len(report_sessions(env)) == 1
-
-
-def test_sdk_agent_script_exists():
-    assert SDK_AGENT.exists()

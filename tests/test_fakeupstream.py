@@ -290,7 +290,7 @@ def test_anthropic_stream_event_order(
     assert [event.usage.output_tokens for event in deltas] == [100, 200, 345]
     assert [event.delta.stop_reason for event in deltas] == [None, None, "end_turn"]
     assert len(up.inference_requests()) == 1
-    assert up.inference_requests()[0].events_sent == len(events) + 1
+    assert up.wait_for_requests(1)[0].events_sent == len(events) + 1
 
 
 def test_anthropic_stream_raw_wire(up: FakeUpstream) -> None:
@@ -590,7 +590,7 @@ def test_gemini_array_stream_without_sse(up: FakeUpstream) -> None:
     assert "".join(chunk["candidates"][0]["content"]["parts"][0]["text"] for chunk in chunks) == (
         up.default.text
     )
-    assert up.inference_requests()[0].events_sent == 4
+    assert up.wait_for_requests(1)[0].events_sent == 4
 
 
 def test_gemini_count_tokens_not_inference(up: FakeUpstream, gemini_client: genai.Client) -> None:
@@ -877,7 +877,7 @@ def test_drop_after_zero_events(up: FakeUpstream, anthropic_client: anthropic.An
             )
         )
 
-    assert up.inference_requests()[0].events_sent == 0
+    assert up.wait_for_requests(1)[0].events_sent == 0
 
 
 def test_tool_loop_anthropic(up: FakeUpstream, anthropic_client: anthropic.Anthropic) -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import anthropic
 
@@ -44,7 +45,7 @@ def main() -> int:
 
     # Wait until the daemon has written its pid: the parent and child exit before it does.
     deadline = time.monotonic() + 10
-    while len(open(args.pids).read().split()) < 3 and time.monotonic() < deadline:
+    while len(Path(args.pids).read_text().split()) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
 
     client = anthropic.Anthropic(api_key="test-key-anthropic", max_retries=0)
