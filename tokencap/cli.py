@@ -53,26 +53,35 @@ def main_options(
     context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
 )
 def run(
-    command: Annotated[list[str], typer.Argument(help="The agent command, after --.")],
-    task: Annotated[str | None, typer.Option(help="Task this run works on.")] = None,
+    command: Annotated[
+        list[str], typer.Argument(help="The agent command, after --.", metavar="-- COMMAND...")
+    ],
+    task: Annotated[
+        str | None, typer.Option(help="Task this run works on.", metavar="NAME")
+    ] = None,
     agent: Annotated[
-        str | None, typer.Option(help="Agent name. Default: the command's base name.")
+        str | None,
+        typer.Option(help="Agent name. Default: the command's base name.", metavar="NAME"),
     ] = None,
     user: Annotated[
-        str | None, typer.Option(help="User to attribute. Default: git user.email, else login.")
+        str | None,
+        typer.Option(
+            help="User to attribute. Default: git user.email, else login.", metavar="NAME"
+        ),
     ] = None,
-    team: Annotated[str | None, typer.Option(help="Team to attribute.")] = None,
+    team: Annotated[str | None, typer.Option(help="Team to attribute.", metavar="NAME")] = None,
     tag: Annotated[
-        list[str] | None, typer.Option(help="Free attribute KEY=VALUE; repeatable.")
+        list[str] | None, typer.Option(help="Free attribute; repeatable.", metavar="KEY=VALUE")
     ] = None,
     max_usd: Annotated[
-        str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.")
+        str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD")
     ] = None,
     max_calls: Annotated[
-        int | None, typer.Option(help="Maximum number of model calls sent upstream.")
+        int | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
     ] = None,
     grace: Annotated[
-        float, typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.")
+        float,
+        typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.", metavar="SECONDS"),
     ] = 2.0,
     db: DbOption = None,
     verbose: Annotated[

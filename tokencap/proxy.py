@@ -381,6 +381,16 @@ class MeterAddon:
             latency_ms=round((ended - call.started) * 1000, 2),
             ttfb_ms=round((call.first_byte - call.started) * 1000, 2) if call.first_byte else None,
         )
+        logger.info(
+            "call %d %s %s: %s, %d input and %d output tokens, $%s",
+            call.seq,
+            call.provider,
+            model,
+            values.get("status"),
+            usage.total_input_tokens,
+            usage.output_tokens,
+            values["cost_usd"],
+        )
         try:
             session.ledger.update_call(call.row_id, values)
         except LedgerError:

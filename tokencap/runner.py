@@ -208,5 +208,10 @@ def log_to_file(verbose: bool) -> Path:
 
         from tokencap.console import stderr_console
 
-        root.addHandler(RichHandler(console=stderr_console(), show_path=False))
+        console_handler = RichHandler(console=stderr_console(), show_path=False)
+        # mitmproxy's connection chatter stays in the file; its warnings still show.
+        console_handler.addFilter(
+            lambda record: not record.name.startswith("mitmproxy") or record.levelno >= 30
+        )
+        root.addHandler(console_handler)
     return path
