@@ -20,8 +20,9 @@ Routes (the query string is ignored for routing, so `/v1/messages?beta=true` wor
 
 Behaviour of model calls
 ------------------------
-Every model call (the routes of `INFERENCE_ROUTES`) is answered by a `Behavior`: usage numbers,
-text, stream shape and faults. The server's `default` applies unless a scripted one is queued:
+Every model call (the routes of `INFERENCE_ROUTES`) gets its reply from a `Behavior`, which sets
+usage numbers, text, stream shape and faults. The server's `default` applies unless a scripted
+one is queued:
 
 - `FakeUpstream(**fields)` or `FakeUpstream(Behavior(...))` sets the default, and
   `up.default = Behavior(...)` replaces it later.
@@ -61,9 +62,9 @@ What is logged
 --------------
 `up.requests` is a snapshot list of `RequestRecord`, one per HTTP request in arrival order, and
 `up.inference_requests()` keeps only model calls. A record is added as soon as the request body
-has been read, and its `finished` event is set once the server is done with it, so call
-`record.wait()` before reading `completed`, `disconnected` or `events_sent` of a stream that a
-client cut.
+has been read, and its `finished` event is set once the server is done with it. An SDK call can
+return before that, so call `record.wait()` or `up.wait_for_requests(n)` before reading
+`completed`, `disconnected`, `dropped` or `events_sent`.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ _GEMINI_MODELS_LIST = re.compile(r"^/(v1|v1beta|v1alpha)/models$")
 
 @dataclass(frozen=True)
 class Behavior:
-    """How the fake answers one model call. Every field has a default that makes a valid reply."""
+    """Reply settings for one model call. Every field has a default that makes a valid reply."""
 
     text: str = "Hello from the fake upstream."
     # Model name put in the response. None echoes the model of the request.
@@ -166,25 +167,40 @@ class Behavior:
     # `output_tokens`, which the JSON reply and the other APIs report.
     output_token_steps: tuple[int, ...] = ()
 
+    # Content events of a stream: text deltas, or tool-argument deltas in tool-loop mode.
     events: int = 4
+    # Seconds between consecutive stream events.
     delay: float = 0.0
+    # Seconds to wait before answering at all, so that a call stays in flight (JSON or stream).
+    response_delay: float = 0.0
+    # Raises events and delay to at least SLOW_EVENTS and SLOW_DELAY, a stream to cut.
     slow: bool = False
+    # Writes each stream event in several pieces, cut inside the field name, inside the JSON,
+    # inside the first multibyte UTF-8 character and between the two final line breaks.
     split_events: bool = False
+    # Ends SSE lines with CRLF instead of LF. The SSE format allows both.
     crlf: bool = False
+    # Compresses the body when the request's Accept-Encoding allows gzip, flushing per event.
     gzip: bool = False
 
-    # An HTTP error status (400-599) answered with the API's error body and no usage.
+    # HTTP status. An error status (400-599) returns the API's error body with no usage.
     status: int = 200
     # Error `type` (Anthropic, OpenAI) or `status` (Gemini). None picks the API's one for `status`.
     error_type: str | None = None
+    # Answers 200 with a body that is not JSON, or with one SSE event whose data is not JSON.
     garbled: bool = False
+    # Closes the connection after this many stream events, with no chunked terminator. A JSON
+    # reply, error bodies included, is cut halfway through instead.
     drop_after_events: int | None = None
 
+    # Answers with a tool call (Anthropic tool_use, OpenAI tool_calls or function_call, Gemini
+    # functionCall), so an agent that runs tools calls the model again and again.
     tool_loop: bool = False
     # Tool called in tool-loop mode. None takes the first tool of the request, else "bash".
     tool_name: str | None = None
     tool_arguments: Mapping[str, Any] = field(default_factory=lambda: {"command": "echo tokencap"})
 
+    # Extra response headers for model calls, such as `retry-after`.
     headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -202,6 +218,8 @@ class Behavior:
             raise ValueError(f"events must be 1 or more, got {self.events}")
         if self.delay < 0:
             raise ValueError(f"delay must be 0 or more seconds, got {self.delay}")
+        if self.response_delay < 0:
+            raise ValueError(f"response_delay must be 0 or more, got {self.response_delay}")
         if self.status != 200 and not 400 <= self.status <= 599:
             raise ValueError(f"status must be 200 or an error status 400-599, got {self.status}")
         if self.drop_after_events is not None and self.drop_after_events < 0:
@@ -259,6 +277,7 @@ class RequestRecord:
     dropped: bool = False
     # Stream events written in full before the response ended for any reason.
     events_sent: int = 0
+    # time.monotonic() when the request body had been read and when the server was done.
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     finished: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -278,12 +297,12 @@ class _ClientGone(Exception):
 
 
 class _Dropped(Exception):
-    """The fake closed the connection on purpose, as `drop_after_events` asks."""
+    """The fake closed the connection on purpose, because of `drop_after_events`."""
 
 
 @dataclass
 class _Call:
-    """One model call being answered: the request, the behaviour and the ids of the reply."""
+    """Request, behaviour and reply ids of the model call being served."""
 
     api: str
     behavior: Behavior
@@ -299,7 +318,7 @@ class _Call:
 
 
 # ---------------------------------------------------------------------------------------------
-# Payloads. Each builder is pure: it returns the JSON body, or the list of stream events as bytes.
+# Payloads. Each builder is pure and returns the JSON body, or the stream events as bytes.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -410,7 +429,7 @@ def _anthropic_stream(call: _Call) -> list[bytes]:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        # The API reports 1 output token in message_start and the real count in message_delta.
+        # A placeholder output count, as in a real stream. The final one is in message_delta.
         "usage": _anthropic_usage(behavior, 1),
     }
     events = [event("message_start", {"message": start_message})]
@@ -434,9 +453,8 @@ def _anthropic_stream(call: _Call) -> list[bytes]:
     steps = behavior.delta_output_steps
     for position, output_tokens in enumerate(steps):
         is_last = position == len(steps) - 1
-        # NOTE: message_delta repeats the input-side counts as cumulative totals, which the
-        # accumulator of anthropic 2.17 overwrites its snapshot with. Output is the only count
-        # that changes between steps.
+        # NOTE: whether the live API repeats the input-side counts in every message_delta is not
+        # checked here. The anthropic 2.17 accumulator reads them as cumulative totals.
         usage = {
             "input_tokens": behavior.input_tokens,
             "cache_creation_input_tokens": behavior.cache_write_tokens
@@ -512,7 +530,8 @@ def _chat_stream(call: _Call) -> list[bytes]:
             "system_fingerprint": "fp_fakeupstream",
             "choices": choices,
         }
-        # The API adds a `usage` key to chunks only when the request set include_usage.
+        # OpenAI's API reference for include_usage: with it every chunk has a `usage` key, null
+        # except in the extra last chunk, and without it no chunk has the key.
         if call.include_usage:
             payload["usage"] = usage
         return _sse(payload, crlf=behavior.crlf)
@@ -730,7 +749,7 @@ def _gemini_response(call: _Call) -> dict[str, Any]:
 def _gemini_chunks(call: _Call) -> list[dict[str, Any]]:
     behavior = call.behavior
     if behavior.tool_loop:
-        # The function call comes whole in one chunk, as the API sends it.
+        # The function call comes whole in one chunk, so `events` does not apply here.
         parts = [_gemini_function_part(call)]
         return [_gemini_chunk(call, parts, behavior.output_tokens, last=True)]
 
@@ -749,8 +768,7 @@ def _gemini_sse_stream(call: _Call) -> list[bytes]:
 
 
 def _gemini_array_stream(call: _Call) -> list[bytes]:
-    """Return the pieces of one JSON array, an element each, as `streamGenerateContent` sends it
-    without `alt=sse`."""
+    """Return one JSON array in pieces, an element each, as sent without `alt=sse`."""
     elements = [_json_bytes(chunk) for chunk in _gemini_chunks(call)]
     pieces = [b"[" + elements[0]]
     pieces.extend(b",\r\n" + data for data in elements[1:])
@@ -863,7 +881,7 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         if self.fake.stopping:
             return
-        logger.exception("fake upstream: error while serving %s", client_address)
+        logger.exception("fake upstream: request handler failed for client %s", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1018,6 +1036,8 @@ class _Handler(BaseHTTPRequestHandler):
             record.request_id = _new_id("req_", 32)
             headers["x-request-id"] = record.request_id
 
+        if behavior.response_delay:
+            self._wait_between_events(behavior.response_delay)
         if behavior.status != 200:
             message = f"fake upstream error {behavior.status} scripted by the test"
             body = _error_body(api, behavior.status, message, behavior.error_type)
@@ -1129,9 +1149,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._wait_between_events(SPLIT_PAUSE)
                 continue
             if last:
-                # The end of the body goes out in the same write as the last event. A client
-                # such as the openai SDK closes the connection as soon as it has parsed the
-                # last event, and a later write could then fail although the client got it all.
+                # The end of the body goes out in the same write as the last event. The openai
+                # 3.60 SDK closes the connection once it has parsed `[DONE]`, and a later write
+                # could then fail although the client got every event.
                 if self._compressor is not None:
                     data += _chunk(self._compressor.flush(zlib.Z_FINISH))
                 data += b"0\r\n\r\n"
@@ -1160,8 +1180,8 @@ class _Handler(BaseHTTPRequestHandler):
             if peeked == b"":
                 raise _ClientGone
             if peeked is not None:
-                # The client sent bytes (a pipelined request): the socket stays readable, so
-                # select cannot wait any longer and the timer alone ends the pause.
+                # The client sent bytes, such as a pipelined request. The socket then stays
+                # readable, so select cannot wait any longer and only the timer ends the pause.
                 time.sleep(max(0.0, deadline - time.monotonic()))
             return
 
@@ -1353,6 +1373,7 @@ class FakeUpstream:
 
     @property
     def port(self) -> int:
+        """TCP port the server listens on, picked when it started."""
         if self._server is None:
             raise RuntimeError("the fake upstream is not running, so it has no port")
         return self._server.server_port
@@ -1364,6 +1385,7 @@ class FakeUpstream:
 
     @property
     def stopping(self) -> bool:
+        """True from the start of stop(), so handlers don't count the closing as a disconnect."""
         return self._stopping.is_set()
 
     # Scripting ---------------------------------------------------------------------------
@@ -1430,7 +1452,7 @@ class FakeUpstream:
             time.sleep(0.01)
 
     def clear(self) -> None:
-        """Forget the records and the queued behaviours; the default stays."""
+        """Forget the records and the queued behaviours. The default stays."""
         with self._lock:
             self._records.clear()
             self._queue.clear()

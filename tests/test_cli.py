@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 # and is not a performance check.
 STARTUP_TIMEOUT = 60.0
 
-# Variables that make tokencap record CI metadata; tests set them explicitly or not at all.
+# Prefixes of the variables that describe a CI job. Tests set them explicitly or remove them.
 CI_PREFIXES = ("GITHUB_", "GITLAB_", "CI_")
 
 # The agent writes its pid and then a ready file, and on SIGTERM or SIGINT writes the signal's
@@ -108,7 +108,7 @@ def wait_for_file(path: Path, timeout: float = STARTUP_TIMEOUT) -> None:
         time.sleep(0.02)
 
 
-def kill_own_process(pid_file: Path, script: Path) -> None:
+def kill_agent(pid_file: Path, script: Path) -> None:
     """SIGKILL the process whose pid is in pid_file, if it still runs `script`."""
     if not pid_file.exists():
         return
@@ -121,7 +121,7 @@ def kill_own_process(pid_file: Path, script: Path) -> None:
 
 
 def assert_nothing_run(db: Path) -> None:
-    """Assert that the ledger, if it exists, records no completed session and no call."""
+    """Assert that the ledger, if it exists, has no call and no session other than failed ones."""
     if not db.exists():
         return
     sessions = query(db, "SELECT id, status, exit_status FROM sessions WHERE status != 'failed'")
@@ -421,7 +421,7 @@ def test_signal_reaches_child(sig, tokencap_env, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
-        kill_own_process(pid_file, script)
+        kill_agent(pid_file, script)
 
     assert process.returncode == 5, stderr
     assert marker.read_text() == sig.name

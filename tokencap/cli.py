@@ -190,6 +190,7 @@ def simulate(
     It answers Anthropic, OpenAI and Gemini API calls with canned replies and realistic usage,
     so agents and SDKs can be tried under tokencap without an API key or network.
     """
+    import shlex
     import threading
 
     from tokencap.simulator import SimulatedCall, SimulatedProvider
@@ -213,6 +214,8 @@ def simulate(
         )
         raise typer.Exit(EXIT_INTERNAL) from None
 
+    # The demo agent is part of tokencap, so it runs with tokencap's own interpreter.
+    python = shlex.quote(sys.executable)
     with simulator:
         console.print(f"[bold]Simulated model provider listening on {simulator.url}[/]")
         console.print("Point agents at it from another shell:")
@@ -221,8 +224,8 @@ def simulate(
         console.print(
             "It accepts any API key. SDKs that insist on one can use a dummy:\n"
             "  export ANTHROPIC_API_KEY=test OPENAI_API_KEY=test GEMINI_API_KEY=test\n"
-            "Then run an agent under tokencap, such as: "
-            "tokencap run --max-calls 3 -- python -m tokencap.demo_agent\n"
+            "Then run an agent under tokencap, such as:\n"
+            f"  tokencap run --max-calls 3 -- {python} -m tokencap.demo_agent\n"
             "Press Ctrl-C to stop."
         )
         try:

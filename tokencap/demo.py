@@ -1,7 +1,7 @@
 """`tokencap demo`: the example agent under a dollar cap, against a local simulated provider.
 
 The demo needs no API key and no network. The simulated provider listens on 127.0.0.1, and
-tokencap forwards the agent's calls there because ANTHROPIC_BASE_URL points at it.
+tokencap forwards the agent's calls there because the base-URL variables point at it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def run_demo(db_path: Path | None, max_usd: Decimal | None) -> int:
             f"until the ${cap} cap stops it."
         )
         # tokencap forwards each provider's calls to the URL its variable had when it started.
-        previous = os.environ.get("ANTHROPIC_BASE_URL")
-        os.environ["ANTHROPIC_BASE_URL"] = simulator.url
+        # All three point at the simulator, so nothing the demo runs can reach a real provider.
+        simulated = simulator.environment()
+        previous = {name: os.environ.get(name) for name in simulated}
+        os.environ.update(simulated)
         try:
             runner.log_to_file(False)
             result = runner.run(
@@ -57,10 +59,11 @@ def run_demo(db_path: Path | None, max_usd: Decimal | None) -> int:
                 )
             )
         finally:
-            if previous is None:
-                os.environ.pop("ANTHROPIC_BASE_URL", None)
-            else:
-                os.environ["ANTHROPIC_BASE_URL"] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     print_run_result(result)
     if result.refusal is None:

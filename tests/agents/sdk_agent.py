@@ -38,8 +38,12 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     lock = threading.Lock()
+    # Parallel calls start together, so that they are all in flight at the same moment.
+    barrier = threading.Barrier(args.parallel)
 
     def call(index: int) -> bool:
+        if args.parallel > 1 and index < args.parallel:
+            barrier.wait(timeout=30)
         try:
             result = _call(args)
             result["ok"] = True
