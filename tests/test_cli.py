@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import TOKENCAP, query
 from tests.fakeupstream import Behavior
+from tokencap.ledger import Ledger
 
 pytestmark = pytest.mark.slow
 
@@ -157,12 +158,13 @@ def test_invalid_option_exits_2(case, run_tokencap, tmp_path):
     assert_nothing_run(run.db)
 
 
-def test_missing_command_exits_2(run_tokencap):
-    run = run_tokencap([], [])
+@pytest.mark.parametrize("args", [["run"], ["run", "--"]], ids=["no-separator", "separator"])
+def test_missing_command_exits_2(args, tokencap_env):
+    result = tokencap(args, tokencap_env)
 
-    assert run.exit_code == 2
-    assert "Missing argument" in run.stderr
-    assert_nothing_run(run.db)
+    assert result.returncode == 2
+    assert "Missing argument" in result.stderr
+    assert_nothing_run(Path(tokencap_env["TOKENCAP_DB"]))
 
 
 def test_unknown_command_exits_2(run_tokencap):
@@ -394,6 +396,19 @@ def test_report_without_ledger(output_format, tokencap_env, tmp_path):
     else:
         assert "No sessions recorded yet" in result.stdout
     assert not db.exists()
+
+
+def test_report_empty_ledger(tokencap_env, tmp_path):
+    db = tmp_path / "empty.db"
+    Ledger(db).close()
+
+    table = tokencap(["report", "--db", str(db)], tokencap_env)
+    data = tokencap(["report", "--format", "json", "--db", str(db)], tokencap_env)
+
+    assert table.returncode == 0, table.stderr
+    assert "No sessions recorded yet" in table.stdout
+    assert data.returncode == 0, data.stderr
+    assert json.loads(data.stdout) == {"sessions": []}
 
 
 # --- Signals, output and ledger selection ---------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -104,7 +105,7 @@ def test_demo_stopped_by_dollar_cap(tmp_path: Path, user_env: dict[str, str]) ->
     assert demo.returncode == EXIT_CAPPED, demo.stderr
     assert "turn 1:" in demo.stdout
     assert "stopped by max_usd" in demo.stderr
-    assert f"tokencap report --db {db}" in demo.stderr
+    assert f"tokencap report --db {shlex.quote(str(db))}" in demo.stderr
 
     session = only_session(db, user_env)
     assert session["task"] == "demo"
@@ -113,14 +114,15 @@ def test_demo_stopped_by_dollar_cap(tmp_path: Path, user_env: dict[str, str]) ->
     assert session["exit_status"] == EXIT_CAPPED
     assert session["calls"] >= 1
     assert session["refused_calls"] == 1
-    # Non-streamed calls are admitted only if their worst case fits, so the cap holds exactly.
+    # Non-streamed calls are admitted only if their worst case fits, so spend never passes the cap.
     assert Decimal(session["cost_usd"]) <= DEFAULT_MAX_USD
 
     expected_calls, expected_cost = expected_demo_spend(user_env, DEFAULT_MAX_USD)
     assert 5 <= expected_calls <= 10, "the default cap should stop the demo after 5 to 10 turns"
     assert session["calls"] == expected_calls
     assert Decimal(session["cost_usd"]) == expected_cost
-    assert demo.stdout.count("turn ") == expected_calls
+    turn_lines = [line for line in demo.stdout.splitlines() if line.startswith("turn ")]
+    assert len(turn_lines) == expected_calls
 
 
 EXAMPLE_RUNS = [

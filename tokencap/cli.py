@@ -187,7 +187,7 @@ def simulate(
 ) -> None:
     """Run a simulated model provider on 127.0.0.1 until Ctrl-C.
 
-    It answers Anthropic, OpenAI and Gemini API calls with canned replies and realistic usage,
+    It responds to Anthropic, OpenAI and Gemini API calls with canned replies and realistic usage,
     so agents and SDKs can be tried under tokencap without an API key or network.
     """
     import shlex
@@ -246,8 +246,9 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
             f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
-            f"${result.spent_usd} spent, {result.calls} calls, "
-            f"{stopped} processes stopped (session {result.session_id})"
+            f"${result.spent_usd} spent, {result.calls} {'call' if result.calls == 1 else 'calls'}, "
+            f"{stopped} {'process' if stopped == 1 else 'processes'} stopped "
+            f"(session {result.session_id})"
         )
     elif verbose:
         console.print(

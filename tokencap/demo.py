@@ -21,7 +21,7 @@ from tokencap.simulator import SimulatedProvider
 # cap admits 7 calls and refuses the 8th. tests/test_demo.py recomputes the count from the prices.
 DEFAULT_MAX_USD = Decimal("0.05")
 
-# Seconds the simulated provider waits before each answer, so the turns scroll at reading speed.
+# Seconds the simulated provider waits before each response, so turns scroll at reading speed.
 ANSWER_LATENCY = 0.25
 
 

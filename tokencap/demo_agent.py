@@ -1,9 +1,9 @@
 """The example agent that `tokencap demo` runs; it needs only the standard library.
 
-It works like a small coding agent: each turn it sends the whole conversation to the Anthropic
-Messages API at $ANTHROPIC_BASE_URL/v1/messages, prints the first words of the reply, and adds
-the reply and a simulated tool result to the conversation, so every request is larger than the
-one before. It stops after `MAX_TURNS` turns. On an HTTP error it prints the error message from
+It works like a small coding agent. Each turn it sends the whole conversation to the Anthropic
+Messages API at $ANTHROPIC_BASE_URL/v1/messages and prints the first words of the reply. It then
+adds the reply and a simulated tool result to the conversation, so every request is larger than
+the one before. It stops after `MAX_TURNS` turns. On an HTTP error it prints the error message from
 the response body on stderr and exits with status 1.
 
 Run it under tokencap against the simulated provider, never against a real one::

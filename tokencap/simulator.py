@@ -1,17 +1,17 @@
 """A simulated model provider on 127.0.0.1, for trying tokencap without an API key or network.
 
 `SimulatedProvider` speaks enough of three wire formats for the official SDKs (anthropic,
-openai, google-genai) to parse every answer, streamed or not:
+openai, google-genai) to parse every response, streamed or not:
 
 - Anthropic: `POST /v1/messages`, `POST /v1/messages/count_tokens`.
 - OpenAI: `POST /v1/chat/completions`, `POST /v1/responses`.
-- Gemini: `POST /{v1,v1beta}/models/{model}:generateContent`, `:streamGenerateContent`
+- Gemini: `POST /{v1,v1beta,v1alpha}/models/{model}:generateContent`, `:streamGenerateContent`
   (server-sent events with `?alt=sse`, otherwise one JSON array) and `:countTokens`.
 - `GET /v1/models` and `GET /v1beta/models` return one list that all three SDKs can read.
   `GET /` and `HEAD /` return 200, for health checks.
 
-Answers are deterministic. The reply text is one of `REPLIES`, chosen by the number of user
-turns in the request, so a growing conversation gets a different reply each turn. Usage is
+Reply text and usage are deterministic. The reply is one of `REPLIES`, chosen by the number of
+user turns in the request, so a growing conversation gets a different reply each turn. Usage is
 reported the way each API reports it: input tokens are ceil(request body bytes / 4), output
 tokens are the number of words in the reply, and the model is the one the request named. A
 request's output limit (`max_tokens` and its equivalents) truncates the reply to that many words.
@@ -71,7 +71,7 @@ REPLIES = (
     "handlers that hide errors, and I could narrow them next.",
 )
 
-# Inference routes by API name; other routes answer without counting as a model call.
+# API names of the inference routes. Requests to other routes are not counted as model calls.
 ANTHROPIC_MESSAGES = "anthropic-messages"
 OPENAI_CHAT = "openai-chat"
 OPENAI_RESPONSES = "openai-responses"
@@ -84,7 +84,7 @@ _GEMINI_ROUTE = re.compile(
 
 @dataclass(frozen=True, slots=True)
 class SimulatedCall:
-    """One model request the simulator received, recorded before it was answered."""
+    """One model request the simulator received, recorded before its response was sent."""
 
     api: str
     path: str
@@ -114,7 +114,7 @@ def reply_words(turn: int, max_output_tokens: int | None = None) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """The simulated answer to one model request, before it is put in an API's format."""
+    """The simulated reply to one model request, before it is encoded in an API's format."""
 
     response_id: str
     model: str
@@ -381,7 +381,7 @@ def gemini_response(
 
 
 def gemini_chunks(completion: Completion) -> list[dict[str, Any]]:
-    """Return the chunks of a streamGenerateContent answer, one word of text each."""
+    """Return the chunks of a streamGenerateContent response, one word of text each."""
     deltas = completion.deltas() or [""]
     chunks = []
     for i, delta in enumerate(deltas):
@@ -472,7 +472,7 @@ def _require_list(body: dict[str, Any], key: str) -> list[Any]:
 
 @dataclass(frozen=True, slots=True)
 class ParsedRequest:
-    """What the simulator needs from a model request: model, turn, output limit, stream flag."""
+    """The fields of a model request that the reply depends on."""
 
     model: str
     turn: int
@@ -482,9 +482,9 @@ class ParsedRequest:
 
 
 def parse_request(api: str, body: Any, model_in_path: str | None, streamed: bool) -> ParsedRequest:
-    """Validate a model request body and extract what the answer depends on.
+    """Validate a model request body and extract the fields that the reply depends on.
 
-    Raises RequestError with a message in the API's words when a required field is missing.
+    Raises RequestError naming the field when a required field is missing or invalid.
     """
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -565,6 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except RequestError as exc:
+            logger.info("rejected POST %s: %s", self.path, exc)
             # The rest of the body was not read, so the connection cannot carry another request.
             self.close_connection = True
             self._send_json(400, _error_body(None, 400, str(exc)))
@@ -615,6 +616,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             request = parse_request(api, _load_json(body), model_in_path, streamed)
         except RequestError as exc:
+            logger.info("rejected POST %s: %s", path, exc)
             provider.record(SimulatedCall(api, path, model_in_path, streamed, body, 400))
             self._send_json(400, _error_body(api, 400, str(exc)))
             return
@@ -682,7 +684,11 @@ class _Handler(BaseHTTPRequestHandler):
         pieces = []
         total = 0
         while True:
-            size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+            size_line = self.rfile.readline().split(b";", 1)[0].strip()
+            try:
+                size = int(size_line or b"0", 16)
+            except ValueError:
+                raise RequestError(f"invalid chunk size {size_line[:20]!r}") from None
             if size == 0:
                 # Skip trailer fields up to the blank line that ends the body.
                 while self.rfile.readline() not in (b"\r\n", b"\n", b""):
@@ -699,6 +705,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_not_found(self, path: str) -> None:
         message = f"the simulated provider has no route {self.command} {path}"
+        logger.info("%s", message)
         if path in ("/chat/completions", "/responses"):
             message += "; OpenAI routes are under /v1, so set OPENAI_BASE_URL to end in /v1"
         self._send_json(404, _error_body(None, 404, message))
@@ -804,7 +811,7 @@ class SimulatedProvider:
         with SimulatedProvider() as simulator:
             os.environ["ANTHROPIC_BASE_URL"] = simulator.url
 
-    `port=0` picks a free port. `latency` is the delay in seconds before each model answer
+    `port=0` picks a free port. `latency` is the delay in seconds before each model response
     starts, and `event_delay` the delay between two stream events. `on_call` is called from a
     handler thread with each model request as it is received.
     """
