@@ -246,15 +246,18 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
             f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
-            f"${result.spent_usd} spent, {result.calls} {'call' if result.calls == 1 else 'calls'}, "
-            f"{stopped} {'process' if stopped == 1 else 'processes'} stopped "
-            f"(session {result.session_id})"
+            f"${result.spent_usd} spent, {_count(result.calls, 'call')}, "
+            f"{_count(stopped, 'process', 'processes')} stopped (session {result.session_id})"
         )
     elif verbose:
         console.print(
             f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
-            f"{result.calls} calls, exit status {result.exit_code}"
+            f"{_count(result.calls, 'call')}, exit status {result.exit_code}"
         )
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _parse_usd(value: str | None) -> Decimal | None:
