@@ -61,6 +61,7 @@ class Call:
     cut: bool = False
     settled: bool = False
     first_byte: float | None = None
+    last_running_usage: Usage | None = None
 
 
 @dataclass
@@ -235,11 +236,7 @@ class MeterAddon:
                 e.raw for e in events if not (call.strip_usage_chunk and is_usage_only_chunk(e))
             ]
 
-        running, _ = call.meter.running_usage(call.request.input_tokens_estimate)
-        cost = self.session.pricer.cost(
-            call.provider, call.meter.info.model or call.request.model, running, _now()
-        ).cost_usd
-        refusal = self.session.budget.update_running(flow.id, cost)
+        refusal = self._check_running_cost(flow, call)
         if refusal is not None:
             self.session.on_trip(refusal)
             if call.decoder is None:
@@ -249,6 +246,19 @@ class MeterAddon:
                 events_out.append(providers.stream_error_event(call.api, message))
             self._cut(flow, call)
         return events_out or []
+
+    def _check_running_cost(self, flow: http.HTTPFlow, call: Call) -> Refusal | None:
+        """Price the stream's usage so far against the dollar cap, when it has changed."""
+        assert call.meter is not None
+        if self.session.budget.max_usd is None:
+            return None
+        running, _ = call.meter.running_usage(call.request.input_tokens_estimate)
+        if running == call.last_running_usage:
+            return None
+        call.last_running_usage = running
+        model = call.meter.info.model or call.request.model
+        cost = self.session.pricer.cost(call.provider, model, running, _now()).cost_usd
+        return self.session.budget.update_running(flow.id, cost)
 
     def _end_of_stream(self, call: Call) -> bytes | list[bytes]:
         assert call.meter is not None
