@@ -74,10 +74,10 @@ PRINTING_AGENT = textwrap.dedent(
 AGENT_STDOUT = "first line\nsecond line: naïve café 世界 🚀\n\n  indented, no final newline"
 
 
-def tokencap(
+def run_cli(
     args: list[str], env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    """Run the tokencap executable with `args` and wait for it."""
+    """Run the tokencap executable with `args` and wait for it to exit."""
     return subprocess.run(
         [str(TOKENCAP), *args],
         env=env,
@@ -91,7 +91,7 @@ def tokencap(
 
 def report_sessions(env: dict[str, str], *options: str) -> list[dict]:
     """Return the sessions that `tokencap report --format json` prints."""
-    result = tokencap(["report", "--format", "json", *options], env)
+    result = run_cli(["report", "--format", "json", *options], env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)["sessions"]
 
@@ -160,7 +160,7 @@ def test_invalid_option_exits_2(case, run_tokencap, tmp_path):
 
 @pytest.mark.parametrize("args", [["run"], ["run", "--"]], ids=["no-separator", "separator"])
 def test_missing_command_exits_2(args, tokencap_env):
-    result = tokencap(args, tokencap_env)
+    result = run_cli(args, tokencap_env)
 
     assert result.returncode == 2
     assert "Missing argument" in result.stderr
@@ -250,7 +250,7 @@ def test_attribution_defaults(plain_agent, tokencap_env, tmp_path):
     }
 
     # The working directory is outside any git repository, so only the global config applies.
-    result = tokencap(["run", "--", str(plain_agent)], env, cwd=tmp_path)
+    result = run_cli(["run", "--", str(plain_agent)], env, cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     (session,) = query(tmp_path / "ledger.db", "SELECT * FROM sessions")
@@ -273,7 +273,7 @@ def test_user_defaults_to_login_without_git_email(plain_agent, tokencap_env, tmp
         "LOGNAME": "tokencap-login",
     }
 
-    result = tokencap(["run", "--", str(plain_agent)], env, cwd=tmp_path)
+    result = run_cli(["run", "--", str(plain_agent)], env, cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
     (session,) = query(tmp_path / "ledger.db", "SELECT * FROM sessions")
@@ -358,27 +358,22 @@ def test_report_json_after_two_calls(upstream, run_agent, tokencap_env):
     assert reported["ended_at"] == session["ended_at"]
 
 
-def test_report_table_shows_session_id_wide(run_tokencap, tokencap_env):
-    run = run_tokencap([], [sys.executable, "-c", "pass"])
+def test_report_table_wide_shows_session_id(run_tokencap, tokencap_env):
+    run = run_tokencap(["--user", "u", "--agent", "a"], [sys.executable, "-c", "pass"])
     assert run.exit_code == 0, run.stderr
 
-    result = tokencap(["report"], tokencap_env | {"COLUMNS": "200"})
+    result = run_cli(["report"], tokencap_env | {"COLUMNS": "200"})
 
     assert result.returncode == 0, result.stderr
     assert run.session()["id"] in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="at the default 80 columns (and up to about 150) the table shortens every column, "
-    "so the session id prints as '202…' and cannot be copied from the report",
-)
-def test_report_table_shows_session_id(run_tokencap, tokencap_env):
-    run = run_tokencap([], [sys.executable, "-c", "pass"])
+def test_report_table_80_columns_shows_session_id(run_tokencap, tokencap_env):
+    run = run_tokencap(["--user", "u", "--agent", "a"], [sys.executable, "-c", "pass"])
     assert run.exit_code == 0, run.stderr
-    env = {k: v for k, v in tokencap_env.items() if k not in ("COLUMNS", "LINES")}
 
-    result = tokencap(["report"], env)
+    # With COLUMNS=80, rich would shorten every column of a table written to a pipe.
+    result = run_cli(["report"], tokencap_env | {"COLUMNS": "80"})
 
     assert result.returncode == 0, result.stderr
     assert run.session()["id"] in result.stdout
@@ -388,7 +383,7 @@ def test_report_table_shows_session_id(run_tokencap, tokencap_env):
 def test_report_without_ledger(output_format, tokencap_env, tmp_path):
     db = tmp_path / "missing.db"
 
-    result = tokencap(["report", "--format", output_format, "--db", str(db)], tokencap_env)
+    result = run_cli(["report", "--format", output_format, "--db", str(db)], tokencap_env)
 
     assert result.returncode == 0, result.stderr
     if output_format == "json":
@@ -402,8 +397,8 @@ def test_report_empty_ledger(tokencap_env, tmp_path):
     db = tmp_path / "empty.db"
     Ledger(db).close()
 
-    table = tokencap(["report", "--db", str(db)], tokencap_env)
-    data = tokencap(["report", "--format", "json", "--db", str(db)], tokencap_env)
+    table = run_cli(["report", "--db", str(db)], tokencap_env)
+    data = run_cli(["report", "--format", "json", "--db", str(db)], tokencap_env)
 
     assert table.returncode == 0, table.stderr
     assert "No sessions recorded yet" in table.stdout
@@ -462,7 +457,7 @@ def test_db_option_selects_ledger(tokencap_env, tmp_path):
     env_db = tmp_path / "env.db"
     env = tokencap_env | {"TOKENCAP_DB": str(env_db)}
 
-    result = tokencap(["run", "--db", str(option_db), "--", sys.executable, "-c", "pass"], env)
+    result = run_cli(["run", "--db", str(option_db), "--", sys.executable, "-c", "pass"], env)
 
     assert result.returncode == 0, result.stderr
     assert len(query(option_db, "SELECT id FROM sessions")) == 1
@@ -474,7 +469,7 @@ def test_db_variable_selects_ledger(tokencap_env, tmp_path):
     env_db = tmp_path / "env.db"
     env = tokencap_env | {"TOKENCAP_DB": str(env_db)}
 
-    result = tokencap(["run", "--", sys.executable, "-c", "pass"], env)
+    result = run_cli(["run", "--", sys.executable, "-c", "pass"], env)
 
     assert result.returncode == 0, result.stderr
     assert len(query(env_db, "SELECT id FROM sessions")) == 1

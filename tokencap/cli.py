@@ -154,7 +154,9 @@ def report(
         return
     from rich.console import Console
 
-    report_module.print_report(Console(), rows)
+    # A pipe has no width; rich would assume 80 columns and shorten every value.
+    width = None if sys.stdout.isatty() else 200
+    report_module.print_report(Console(width=width), rows)
 
 
 @app.command()

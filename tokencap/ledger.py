@@ -75,7 +75,8 @@ def m001_sessions_and_calls(db: sqlite_utils.Database) -> None:
             "decision": str,  # admitted | refused
             "refusal_reason": str,
             "http_status": int,
-            "status": str,  # ok | upstream_error | cut | dropped | garbled | refused | failed
+            # sent (in flight) | ok | upstream_error | cut | dropped | garbled | refused
+            "status": str,
             "error": str,
             "streamed": int,
             "input_tokens": int,

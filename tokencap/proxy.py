@@ -303,9 +303,7 @@ class MeterAddon:
             values["upstream_request_id"] = call.meter.info.response_id
             values["model"] = call.meter.info.model or call.request.model
             values["error"] = call.meter.info.error
-            values["status"] = (
-                "cut" if call.cut else ("ok" if not call.meter.info.error else "error")
-            )
+            values["status"] = _stream_status(call, status)
         else:
             try:
                 info = read_response(call.api, flow.response.get_content(strict=False) or b"")
@@ -407,6 +405,18 @@ class MeterAddon:
             logger.exception("could not record call %s", call.seq)
         if refusal is not None:
             session.on_trip(refusal)
+
+
+def _stream_status(call: Call, http_status: int) -> str:
+    assert call.meter is not None
+    if call.cut:
+        return "cut"
+    if call.meter.garbled:
+        return "garbled"
+    if call.meter.info.error or http_status >= 400:
+        # The provider reported an error inside the stream, such as overloaded_error.
+        return "upstream_error"
+    return "ok"
 
 
 def _json_body(request: http.Request) -> Any:

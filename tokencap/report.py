@@ -77,14 +77,14 @@ def to_json(rows: list[dict[str, Any]]) -> str:
 def to_table(rows: list[dict[str, Any]]) -> Table:
     """Return the rows as a rich table, newest session first."""
     table = Table(title="tokencap sessions, newest first", title_justify="left")
-    table.add_column("session")
+    table.add_column("session", no_wrap=True)
     table.add_column("task")
     table.add_column("agent")
     table.add_column("user")
     table.add_column("calls", justify="right")
     table.add_column("input", justify="right")
     table.add_column("output", justify="right")
-    table.add_column("cost", justify="right")
+    table.add_column("cost", justify="right", no_wrap=True)
     table.add_column("ended")
     table.add_column("exit", justify="right")
     table.add_column("started")

@@ -16,7 +16,7 @@ from tokencap.errors import EXIT_CAPPED
 from tokencap.ledger import Ledger, data_dir
 from tokencap.prices import Pricer, from_pico
 from tokencap.proxy import Proxy, Session
-from tokencap.supervisor import Child, StopResult, become_subreaper
+from tokencap.supervisor import Child, StopResult, become_subreaper, resolve_executable
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def run(options: RunOptions) -> RunResult:
     """Run the agent under the caps and return how it ended."""
     env = dict(os.environ)
     upstreams = providers.upstreams_from_env(env)
+    # Check the command before recording a session, so a typo leaves no trace in the ledger.
+    resolve_executable(options.argv[0], env, None)
     ledger = Ledger(options.db_path)
     session_id = attribution.new_session_id()
     ledger.start_session(

@@ -115,7 +115,7 @@ def _search_path(env: dict[str, str], cwd: str | None) -> str:
     return os.pathsep.join(entries)
 
 
-def _resolve_executable(command: str, env: dict[str, str], cwd: str | None) -> str:
+def resolve_executable(command: str, env: dict[str, str], cwd: str | None) -> str:
     """Return the path that exec will run for command, or raise CommandNotFound."""
     if os.sep in command:
         candidate = command if os.path.isabs(command) else os.path.join(cwd or os.getcwd(), command)
@@ -200,7 +200,7 @@ class Child:
         if cwd is not None and not os.path.isdir(cwd):
             raise ConfigError(f"working directory {cwd!r} does not exist or is not a directory")
 
-        executable = _resolve_executable(argv[0], env, cwd)
+        executable = resolve_executable(argv[0], env, cwd)
         if not is_subreaper():
             logger.warning(
                 "tokencap is not a child subreaper, so processes that the agent detaches "

@@ -366,6 +366,7 @@ class StreamMeter:
     api: Api
     info: ResponseInfo = field(default_factory=ResponseInfo)
     final: bool = False
+    garbled: bool = False  # an event's data was not the JSON the API promises
     output_text_bytes: int = 0
     events: int = 0
     _parser: SSEParser = field(default_factory=SSEParser)
@@ -395,6 +396,7 @@ class StreamMeter:
         try:
             data = json.loads(event.data)
         except json.JSONDecodeError:
+            self.garbled = True
             self.info.error = self.info.error or "stream event data is not JSON"
             return
         if not isinstance(data, dict):
@@ -416,9 +418,11 @@ class StreamMeter:
             usage = usage or Usage()
             usage.input_tokens = input_tokens_estimate
             estimated = True
-        text_estimate = math.ceil(self.output_text_bytes / BYTES_PER_TOKEN_ESTIMATE)
-        if not self.final and text_estimate > usage.output_tokens:
-            usage.output_tokens = text_estimate
+        if not self.final:
+            # Until the final count arrives, output is what was reported or what the text
+            # received implies, whichever is higher.
+            text_estimate = math.ceil(self.output_text_bytes / BYTES_PER_TOKEN_ESTIMATE)
+            usage.output_tokens = max(usage.output_tokens, text_estimate)
             estimated = True
         return usage, estimated
 
