@@ -76,6 +76,8 @@ def tokencap_env(tmp_path: Path, upstream: FakeUpstream) -> dict[str, str]:
     }
     env.update(
         XDG_DATA_HOME=str(tmp_path / "data"),
+        # An empty config directory, so that no user budget file of the machine applies.
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
         TOKENCAP_DB=str(tmp_path / "ledger.db"),
         ANTHROPIC_BASE_URL=upstream.url,
         OPENAI_BASE_URL=upstream.url + "/v1",
@@ -90,12 +92,19 @@ def run_tokencap(tmp_path: Path, tokencap_env: dict[str, str]):
     """Return a function that runs `tokencap run [options] -- COMMAND` and waits for it."""
     counter = iter(range(1_000))
 
-    def run(options: list[str], command: list[str], timeout: float = 60, **env: str) -> Run:
+    def run(
+        options: list[str],
+        command: list[str],
+        timeout: float = 60,
+        cwd: Path | None = None,
+        **env: str,
+    ) -> Run:
         agent_out = tmp_path / f"agent-{next(counter)}.jsonl"
         full_env = tokencap_env | {"AGENT_OUT": str(agent_out)} | env
         process = subprocess.run(
             [str(TOKENCAP), "run", *options, "--", *command],
             env=full_env,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -110,12 +119,19 @@ def run_tokencap(tmp_path: Path, tokencap_env: dict[str, str]):
 def run_agent(run_tokencap, tmp_path: Path):
     """Return a function that runs the SDK agent under tokencap with the given agent flags."""
 
-    def run(options: list[str], *agent_args: str, timeout: float = 60, **env: str) -> Run:
+    def run(
+        options: list[str],
+        *agent_args: str,
+        timeout: float = 60,
+        cwd: Path | None = None,
+        **env: str,
+    ) -> Run:
         out = tmp_path / f"sdk-{len(list(tmp_path.glob('sdk-*.jsonl')))}.jsonl"
         result = run_tokencap(
             options,
             [sys.executable, str(SDK_AGENT), "--out", str(out), *agent_args],
             timeout=timeout,
+            cwd=cwd,
             **env,
         )
         result.agent_out = out

@@ -42,13 +42,13 @@ def default_user() -> str:
         return "unknown"
 
 
-def parse_tags(values: list[str]) -> dict[str, str]:
-    """Parse repeated KEY=VALUE options into a dict; raise ConfigError on a malformed one."""
+def parse_tags(values: list[str], origin: str = "--tag") -> dict[str, str]:
+    """Parse KEY=VALUE strings into a dict; raise ConfigError naming `origin` on a bad one."""
     tags: dict[str, str] = {}
     for value in values:
         key, sep, tag_value = value.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"invalid --tag {value!r}: expected KEY=VALUE, such as --tag pr=1234")
+            raise ConfigError(f"invalid {origin} {value!r}: expected KEY=VALUE, such as pr=1234")
         tags[key.strip()] = tag_value.strip()
     return tags
 

@@ -1,21 +1,47 @@
 """The session's caps: admit a call only if its worst case fits, then settle it exactly.
 
 Every method runs on the proxy's event loop thread and none of them awaits, so admitting a
-call (check and reserve) is atomic with respect to every other call of the session.
+call (check and reserve) is atomic with respect to every other call of the session. Budgets
+shared with other runs (per task, team or user) are checked through `SharedBudgets`, which
+does its own locking in the ledger.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """Why a call was not sent upstream."""
 
-    cap: str  # "max_calls" or "max_usd"
+    # "max_calls", "max_usd", "unknown_model", "tokencap_error", or a shared budget's id
+    # such as "team_budget:platform/day"
+    cap: str
     message: str
+    label: str | None = None  # how the stop line names the cap, such as "team budget platform/day"
+
+    @property
+    def name(self) -> str:
+        """Return the cap's name for people."""
+        return self.label or self.cap
+
+
+class SharedBudgets(Protocol):
+    """Budgets that several runs draw on at once; `tokencap.budgets.LedgerBudgets` is one."""
+
+    limits_usd: bool  # True when a dollar limit applies, so streams must be metered live
+
+    def reserve(self, key: str, estimate_usd: Decimal) -> Refusal | None:
+        """Reserve `estimate_usd` for a call, or return why it does not fit."""
+
+    def update_running(self, key: str, running_usd: Decimal) -> Refusal | None:
+        """Raise a streaming call's reservation to its running cost, or return why it cannot."""
+
+    def settle(self, key: str, cost_usd: Decimal) -> Refusal | None:
+        """Replace a call's reservation by its cost; return a refusal once a budget is spent."""
 
 
 @dataclass
@@ -27,7 +53,13 @@ class Budget:
     spent_usd: Decimal = Decimal(0)
     calls: int = 0
     tripped: Refusal | None = None
+    shared: SharedBudgets | None = None
     _in_flight: dict[str, Decimal] = field(default_factory=dict)
+
+    @property
+    def limits_usd(self) -> bool:
+        """True when a dollar cap or dollar budget applies, so a running stream must be priced."""
+        return self.max_usd is not None or (self.shared is not None and self.shared.limits_usd)
 
     @property
     def reserved_usd(self) -> Decimal:
@@ -47,10 +79,14 @@ class Budget:
             if worst_case > self.max_usd:
                 return self.trip(
                     "max_usd",
-                    f"dollar cap reached: ${_money(self.spent_usd)} spent, "
-                    f"${_money(self.reserved_usd)} in flight, next call estimated at "
-                    f"${_money(estimate_usd)}, cap ${_money(self.max_usd)}",
+                    f"dollar cap reached: ${format_usd(self.spent_usd)} spent, "
+                    f"${format_usd(self.reserved_usd)} in flight, next call estimated at "
+                    f"${format_usd(estimate_usd)}, cap ${format_usd(self.max_usd)}",
                 )
+        if self.shared is not None:
+            refusal = self.shared.reserve(key, estimate_usd)
+            if refusal is not None:
+                return self.refuse(refusal)
         self.calls += 1
         self._in_flight[key] = estimate_usd
         return None
@@ -66,31 +102,45 @@ class Budget:
         if self.max_usd is not None and self.spent_usd + self.reserved_usd > self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached mid-stream: ${_money(self.spent_usd + self.reserved_usd)}"
-                f" of ${_money(self.max_usd)}",
+                f"dollar cap reached mid-stream: ${format_usd(self.spent_usd + self.reserved_usd)}"
+                f" of ${format_usd(self.max_usd)}",
             )
+        if self.shared is not None and key in self._in_flight:
+            refusal = self.shared.update_running(key, running_usd)
+            if refusal is not None:
+                return self.refuse(refusal)
         return None
 
     def settle(self, key: str, cost_usd: Decimal) -> Refusal | None:
         """Replace a call's reservation by its exact cost; trip once spend reaches the cap."""
-        self._in_flight.pop(key, None)
+        admitted = self._in_flight.pop(key, None) is not None
         self.spent_usd += cost_usd
+        shared_refusal = None
+        if self.shared is not None and admitted:
+            shared_refusal = self.shared.settle(key, cost_usd)
         if self.max_usd is not None and self.spent_usd >= self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached: ${_money(self.spent_usd)} of ${_money(self.max_usd)} spent",
+                f"dollar cap reached: ${format_usd(self.spent_usd)} of "
+                f"${format_usd(self.max_usd)} spent",
             )
+        if shared_refusal is not None:
+            return self.refuse(shared_refusal)
         return None
 
     def trip(self, cap: str, message: str) -> Refusal:
         """Mark the session as stopped by a cap; the first reason given is kept."""
+        return self.refuse(Refusal(cap, message))
+
+    def refuse(self, refusal: Refusal) -> Refusal:
+        """Mark the session as stopped for `refusal`; the first reason given is kept."""
         if self.tripped is None:
-            self.tripped = Refusal(cap, message)
+            self.tripped = refusal
         return self.tripped
 
 
-def _money(amount: Decimal) -> str:
-    """Format dollars with cents, and more digits only where they matter."""
+def format_usd(amount: Decimal) -> str:
+    """Format dollars with cents, and more digits only where they matter, without "$"."""
     if amount == amount.quantize(Decimal("0.01")):
         return f"{amount:.2f}"
     return f"{amount.normalize():f}"

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
+from rich.markup import escape
 
 from tokencap import __version__
 from tokencap.console import stderr_console
-from tokencap.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, TokencapError
+from tokencap.errors import EXIT_INTERNAL, ConfigError, TokencapError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from tokencap.runner import RunResult
 
 app = typer.Typer(
@@ -49,6 +53,54 @@ def main_options(
     """Meter and cap AI agent runs."""
 
 
+TaskOption = Annotated[
+    str | None, typer.Option("--task", help="Task this run works on.", metavar="NAME")
+]
+AgentOption = Annotated[
+    str | None,
+    typer.Option("--agent", help="Agent name. Default: the command's base name.", metavar="NAME"),
+]
+UserOption = Annotated[
+    str | None,
+    typer.Option(
+        "--user", help="User to attribute. Default: git user.email, else login.", metavar="NAME"
+    ),
+]
+TeamOption = Annotated[
+    str | None, typer.Option("--team", help="Team to attribute.", metavar="NAME")
+]
+TagOption = Annotated[
+    list[str] | None,
+    typer.Option("--tag", help="Free attribute; repeatable.", metavar="KEY=VALUE"),
+]
+MaxUsdOption = Annotated[
+    str | None,
+    typer.Option("--max-usd", help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD"),
+]
+MaxCallsOption = Annotated[
+    int | None,
+    typer.Option("--max-calls", help="Maximum number of model calls sent upstream.", metavar="N"),
+]
+GraceOption = Annotated[
+    float | None,
+    typer.Option(
+        "--grace",
+        help="Seconds between SIGTERM and SIGKILL when stopping. Default: 2.",
+        metavar="SECONDS",
+    ),
+]
+BudgetOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--budget",
+        help="Budget file to use instead of the tokencap.toml or pyproject.toml found from the "
+        "working directory (also TOKENCAP_BUDGET).",
+        metavar="FILE",
+    ),
+]
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
+
+
 @app.command(
     context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
 )
@@ -56,33 +108,15 @@ def run(
     command: Annotated[
         list[str], typer.Argument(help="The agent command, after --.", metavar="-- COMMAND...")
     ],
-    task: Annotated[
-        str | None, typer.Option(help="Task this run works on.", metavar="NAME")
-    ] = None,
-    agent: Annotated[
-        str | None,
-        typer.Option(help="Agent name. Default: the command's base name.", metavar="NAME"),
-    ] = None,
-    user: Annotated[
-        str | None,
-        typer.Option(
-            help="User to attribute. Default: git user.email, else login.", metavar="NAME"
-        ),
-    ] = None,
-    team: Annotated[str | None, typer.Option(help="Team to attribute.", metavar="NAME")] = None,
-    tag: Annotated[
-        list[str] | None, typer.Option(help="Free attribute; repeatable.", metavar="KEY=VALUE")
-    ] = None,
-    max_usd: Annotated[
-        str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD")
-    ] = None,
-    max_calls: Annotated[
-        int | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
-    ] = None,
-    grace: Annotated[
-        float,
-        typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.", metavar="SECONDS"),
-    ] = 2.0,
+    task: TaskOption = None,
+    agent: AgentOption = None,
+    user: UserOption = None,
+    team: TeamOption = None,
+    tag: TagOption = None,
+    max_usd: MaxUsdOption = None,
+    max_calls: MaxCallsOption = None,
+    grace: GraceOption = None,
+    budget: BudgetOption = None,
     db: DbOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each call on stderr while it runs.")
@@ -90,36 +124,172 @@ def run(
 ) -> None:
     """Run COMMAND with its model calls metered and capped.
 
+    Caps, attribution and prices also come from TOKENCAP_* variables and budget files
+    (tokencap.toml); flags take precedence. See `tokencap config`.
+
     Example: tokencap run --task fix-login --max-usd 5 --max-calls 50 -- claude -p "fix it"
     """
-    from tokencap import attribution, ledger, runner
+    from tokencap import config, ledger, runner
 
-    console = stderr_console()
     try:
         if command and command[0] == "--":
             command = command[1:]
         if not command:
             raise ConfigError("missing the command to run; put it after --")
+        flags = config.Flags(task, agent, user, team, tag or [], max_usd, max_calls, grace, budget)
+        settings = config.load_settings(Path.cwd(), os.environ, flags)
         options = runner.RunOptions(
             argv=command,
             db_path=db or ledger.default_path(),
-            task=task,
-            agent=agent,
-            user=user,
-            team=team,
-            tags=attribution.parse_tags(tag or []),
-            max_usd=_parse_usd(max_usd),
-            max_calls=_positive_int(max_calls, "--max-calls"),
-            grace=_non_negative(grace, "--grace"),
+            task=settings.task.value,
+            agent=settings.agent.value,
+            user=settings.user.value,
+            team=settings.team.value,
+            tags={key: tag.value for key, tag in settings.tags.items()},
+            max_usd=settings.max_usd.value,
+            max_calls=settings.max_calls.value,
+            grace=float(settings.grace_seconds.value),
+            budget_rules=settings.budgets,
+            prices=settings.prices,
+            unknown_model=settings.unknown_model.value,
+            extra_hosts=settings.extra_hosts.value,
         )
         runner.log_to_file(verbose)
         result = runner.run(options)
     except TokencapError as exc:
-        console.print(f"[bold red]tokencap:[/] {exc}")
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc)
 
     print_run_result(result, verbose)
     raise typer.Exit(result.exit_code)
+
+
+@app.command("config")
+def show_config(
+    task: TaskOption = None,
+    agent: AgentOption = None,
+    user: UserOption = None,
+    team: TeamOption = None,
+    tag: TagOption = None,
+    max_usd: MaxUsdOption = None,
+    max_calls: MaxCallsOption = None,
+    grace: GraceOption = None,
+    budget: BudgetOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """Show the settings a run would use and where each came from.
+
+    Takes the same settings flags as `tokencap run`, so `tokencap config --task fix-login`
+    shows what `tokencap run --task fix-login` would apply.
+    """
+    from tokencap import config, config_report
+
+    _check_format(output_format)
+    try:
+        flags = config.Flags(task, agent, user, team, tag or [], max_usd, max_calls, grace, budget)
+        settings = config.load_settings(Path.cwd(), os.environ, flags)
+    except TokencapError as exc:
+        _fail(exc)
+    data = config_report.describe(settings)
+    if output_format == "json":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    config_report.print_settings(_stdout_console(), data)
+
+
+budget_app = typer.Typer(
+    help="Check budget files and show what remains of the cumulative budgets.",
+    no_args_is_help=True,
+)
+app.add_typer(budget_app, name="budget")
+
+
+@budget_app.command("check")
+def budget_check(
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Budget file to check. Default: the files a run in this directory would use.",
+            metavar="[FILE]",
+        ),
+    ] = None,
+) -> None:
+    """Validate budget files without running anything; exit status 2 when one is invalid."""
+    from tokencap import config
+
+    console = stderr_console()
+    try:
+        files = config.discover(Path.cwd(), os.environ, file)
+        if file is None:
+            # Without a FILE, check the variables that a run would read as well.
+            config.resolve(config.load(files), config.Flags(), os.environ)
+        else:
+            files = files[:1]
+            config.load(files)
+    except TokencapError as exc:
+        _fail(exc)
+    if not files:
+        console.print(
+            "tokencap: no budget file found: no tokencap.toml or pyproject.toml with "
+            "[tool.tokencap] from here upward, and no user file; write one with `tokencap init`"
+        )
+        return
+    for config_file in files:
+        console.print(f"tokencap: {escape(str(config_file.path))} is valid")
+
+
+@budget_app.command("status")
+def budget_status(
+    task: TaskOption = None,
+    user: UserOption = None,
+    team: TeamOption = None,
+    budget: BudgetOption = None,
+    db: DbOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """Show each cumulative budget: its limit, what was spent in its window, what remains.
+
+    Budgets for every team or user ("*") are shown for the team and user a run here would
+    have; --team and --user choose others.
+    """
+    from tokencap import attribution, budgets, config, config_report, ledger
+
+    _check_format(output_format)
+    try:
+        flags = config.Flags(task=task, user=user, team=team, budget_file=budget)
+        settings = config.load_settings(Path.cwd(), os.environ, flags)
+        rows = budgets.status(
+            db or ledger.default_path(),
+            settings.budgets,
+            team=settings.team.value,
+            user=settings.user.value or attribution.default_user(),
+        )
+    except TokencapError as exc:
+        _fail(exc)
+    if output_format == "json":
+        sys.stdout.write(json.dumps({"budgets": rows}, indent=2) + "\n")
+        return
+    config_report.print_budget_status(_stdout_console(), rows)
+
+
+@app.command()
+def init(
+    path: Annotated[
+        Path,
+        typer.Argument(help="Where to write the file.", metavar="[PATH]"),
+    ] = Path("tokencap.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented starter budget file, tokencap.toml, in the current directory."""
+    from tokencap import starter
+
+    try:
+        written = starter.write(path, force=force)
+    except TokencapError as exc:
+        _fail(exc)
+    stderr_console().print(
+        f"tokencap: wrote {escape(str(written))}; edit it, then check it with "
+        "`tokencap budget check`"
+    )
 
 
 @app.command()
@@ -132,12 +302,7 @@ def report(
     from tokencap import ledger
     from tokencap import report as report_module
 
-    console = stderr_console()
-    if output_format not in ("table", "json"):
-        console.print(
-            f"[bold red]tokencap:[/] invalid --format {output_format!r}: use table or json"
-        )
-        raise typer.Exit(EXIT_USAGE)
+    _check_format(output_format)
     path = db or ledger.default_path()
     if not path.exists():
         rows = []
@@ -147,16 +312,11 @@ def report(
             rows = report_module.sessions(book, limit)
             book.close()
         except TokencapError as exc:
-            console.print(f"[bold red]tokencap:[/] {exc}")
-            raise typer.Exit(exc.exit_code) from None
+            _fail(exc)
     if output_format == "json":
         sys.stdout.write(report_module.to_json(rows) + "\n")
         return
-    from rich.console import Console
-
-    # A pipe has no width; rich would assume 80 columns and shorten every value.
-    width = None if sys.stdout.isatty() else 200
-    report_module.print_report(Console(width=width), rows)
+    report_module.print_report(_stdout_console(), rows)
 
 
 @app.command()
@@ -169,12 +329,12 @@ def demo(
     Needs no API key and no network: the simulated provider runs on 127.0.0.1.
     """
     from tokencap import demo as demo_module
+    from tokencap.config import parse_usd
 
     try:
-        code = demo_module.run_demo(db, _parse_usd(max_usd))
+        code = demo_module.run_demo(db, parse_usd(max_usd))
     except TokencapError as exc:
-        stderr_console().print(f"[bold red]tokencap:[/] {exc}")
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc)
     raise typer.Exit(code)
 
 
@@ -241,16 +401,21 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
     console = stderr_console()
     for provider, model in sorted(result.unknown_models):
         console.print(
-            f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
-            f"were charged at the highest {provider} rates and flagged as estimated"
+            f"[yellow]tokencap:[/] no price is known for {provider} model {escape(repr(model))}; "
+            f"its calls were charged at the highest {provider} rates and flagged as estimated. "
+            f"To price it, add {escape(_price_table(model))} with input_per_mtok and "
+            "output_per_mtok to tokencap.toml"
         )
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
-            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
+            f"[bold red]tokencap:[/] stopped by {escape(result.refusal.name)}: "
             f"${result.spent_usd} spent, {_count(result.calls, 'call')}, "
             f"{_count(stopped, 'process', 'processes')} stopped (session {result.session_id})"
         )
+        if result.refusal.cap not in ("max_usd", "max_calls"):
+            # The session's own counts above do not say why a shared budget or policy refused.
+            console.print(f"tokencap: {escape(result.refusal.message)}")
     elif verbose:
         console.print(
             f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
@@ -258,34 +423,30 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
         )
 
 
+def _price_table(model: str) -> str:
+    return f'[prices.models."{model}"]'
+
+
 def _count(number: int, singular: str, plural: str | None = None) -> str:
     return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
-def _parse_usd(value: str | None) -> Decimal | None:
-    if value is None:
-        return None
-    try:
-        amount = Decimal(value.strip().lstrip("$"))
-    except InvalidOperation:
-        raise ConfigError(
-            f"invalid --max-usd {value!r}: expected dollars, such as 5 or 0.50"
-        ) from None
-    if not amount.is_finite() or amount <= 0:
-        raise ConfigError(f"invalid --max-usd {value!r}: the cap must be more than 0")
-    return amount
+def _fail(exc: TokencapError) -> NoReturn:
+    """Print a tokencap error on stderr and exit with its status."""
+    stderr_console().print(f"[bold red]tokencap:[/] {escape(str(exc))}")
+    raise typer.Exit(exc.exit_code) from None
 
 
-def _positive_int(value: int | None, name: str) -> int | None:
-    if value is not None and value < 1:
-        raise ConfigError(f"invalid {name} {value}: it must be at least 1")
-    return value
+def _check_format(output_format: str) -> None:
+    if output_format not in ("table", "json"):
+        _fail(ConfigError(f"invalid --format {output_format!r}: use table or json"))
 
 
-def _non_negative(value: float, name: str) -> float:
-    if value < 0:
-        raise ConfigError(f"invalid {name} {value}: it must be 0 or more")
-    return value
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    # A pipe has no width; rich would assume 80 columns and shorten every value.
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def main() -> None:

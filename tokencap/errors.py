@@ -21,6 +21,17 @@ class ConfigError(TokencapError):
     exit_code = EXIT_USAGE
 
 
+class ConfigFileError(ConfigError):
+    """A budget file cannot be read or parsed, or has invalid keys or values.
+
+    `problems` holds one line per problem, each naming the file, the line and the key.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
 class CommandNotFound(ConfigError):
     """The command to wrap does not exist or is not executable."""
 

@@ -102,6 +102,33 @@ def m001_sessions_and_calls(db: sqlite_utils.Database) -> None:
     db["calls"].create_index(["model"])
 
 
+@migration
+def m003_budget_reservations(db: sqlite_utils.Database) -> None:
+    # What calls in flight have reserved against budgets shared by several runs; a row lives
+    # from admission until the call's cost is written to `calls`.
+    db["budget_reservations"].create(
+        {
+            "session_id": str,
+            "call_key": str,
+            "pid": int,
+            "pid_started": float,  # the process's start time, which tells a reused pid apart
+            "hostname": str,
+            "reserved_pico_usd": int,
+            "settled": int,  # 1 once reserved_pico_usd is the call's exact cost
+            "created_at": str,
+        },
+        pk=("session_id", "call_key"),
+    )
+    # Budgets add up a team's, user's or task's calls in a time window.
+    db["sessions"].create_index(["team"], if_not_exists=True)
+    db["sessions"].create_index(["user"], if_not_exists=True)
+    db["calls"].create_index(
+        ["session_id", "started_at", "decision", "status", "cost_pico_usd"],
+        index_name="idx_calls_budget_window",
+        if_not_exists=True,
+    )
+
+
 def migrate(db: sqlite_utils.Database) -> None:
     """Apply every migration not yet recorded in the `_migrations` table."""
     with db.conn:

@@ -1,12 +1,15 @@
 """Turning token counts into dollars, exactly, with the price in force when the call was made.
 
-Price data comes from the genai-prices package. Money is `Decimal` throughout and is stored
-rounded to whole picodollars, so sums in SQL stay exact integers.
+Price data comes from the genai-prices package, unless a budget file overrides or adds a price
+for the model. Money is `Decimal` throughout and is stored rounded to whole picodollars, so sums
+in SQL stay exact integers.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -16,6 +19,7 @@ import genai_prices
 from genai_prices import data_snapshot
 from genai_prices.types import ModelPrice, TieredPrices
 
+from tokencap.caps import Refusal
 from tokencap.usage import Api, RequestInfo, Usage
 
 logger = logging.getLogger(__name__)
@@ -37,6 +41,9 @@ _TOKEN_PRICE_KEYS = (
 # A non-streamed request with no output limit may still generate this many tokens. Streamed
 # output needs no such bound, because the proxy counts it as it arrives.
 DEFAULT_OUTPUT_TOKENS_BOUND = 16_384
+
+# What to do with a call to a model that has no known price.
+UNKNOWN_MODEL_POLICIES = ("highest", "refuse")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,15 +71,73 @@ def from_pico(pico: int) -> Decimal:
     return amount.normalize() if amount != amount.to_integral() else amount.quantize(Decimal(1))
 
 
-class Pricer:
-    """Prices calls from genai-prices, with a conservative fallback for unknown models."""
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """A price from a budget file, in dollars per million tokens, for one model or a pattern.
 
-    def __init__(self) -> None:
+    `model` is matched against the model name without regard to case; `*`, `?` and `[...]`
+    make it a pattern, as in shell globs. Cache rates left out of the file are billed at the
+    input rate.
+    """
+
+    model: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    cache_read_per_mtok: Decimal
+    cache_write_per_mtok: Decimal
+    cache_write_1h_per_mtok: Decimal
+    provider: str | None = None  # None: the model on any provider
+    source: str = "budget file"
+
+    @property
+    def is_pattern(self) -> bool:
+        """True when `model` contains glob characters."""
+        return any(char in self.model for char in "*?[")
+
+    def matches(self, provider: str, model: str) -> bool:
+        """Return whether this price applies to `model` of `provider`."""
+        if self.provider is not None and self.provider != provider:
+            return False
+        wanted = self.model.lower()
+        model = model.lower()
+        return fnmatch.fnmatchcase(model, wanted) if self.is_pattern else model == wanted
+
+    def model_price(self) -> ModelPrice:
+        """Return the price in genai-prices' form."""
+        return ModelPrice(
+            input_mtok=self.input_per_mtok,
+            output_mtok=self.output_per_mtok,
+            cache_read_mtok=self.cache_read_per_mtok,
+            cache_write_mtok=self.cache_write_per_mtok,
+            cache_write_1h_mtok=self.cache_write_1h_per_mtok,
+        )
+
+
+class Pricer:
+    """Prices calls from overrides, then genai-prices, then the policy for unknown models.
+
+    `unknown_model` is "highest" (charge the provider's highest rates and flag the call as
+    estimated) or "refuse" (do not send calls to a model without a price).
+    """
+
+    def __init__(
+        self, overrides: Sequence[PriceOverride] = (), unknown_model: str = "highest"
+    ) -> None:
+        if unknown_model not in UNKNOWN_MODEL_POLICIES:
+            raise ValueError(f"unknown_model must be one of {UNKNOWN_MODEL_POLICIES}")
         self.unknown_models: set[tuple[str, str]] = set()
+        self.unknown_model = unknown_model
         self.source = f"genai-prices {genai_prices.__version__}"
+        # Exact names win over patterns, and a longer pattern over a shorter one.
+        self._overrides = sorted(overrides, key=lambda o: (o.is_pattern, -len(o.model)))
 
     def cost(self, provider: str, model: str | None, usage: Usage, at: datetime) -> Cost:
         """Return the exact cost of `usage` on `model` at time `at`."""
+        override = self._override(provider, model)
+        if override is not None:
+            total = override.model_price().calc_price(_to_genai_usage(usage))["total_price"]
+            return Cost(quantize(total), f"price override {override.source}", estimated=False)
+
         model_price = self._known_price(provider, model, at)
         if model_price is not None:
             total = model_price.calc_price(_to_genai_usage(usage))["total_price"]
@@ -99,7 +164,12 @@ class Pricer:
         if not request.streamed:
             usage.output_tokens = request.max_output_tokens or DEFAULT_OUTPUT_TOKENS_BOUND
 
-        model_price = self._known_price(provider, request.model, at) or highest_price(provider, at)
+        override = self._override(provider, request.model)
+        model_price = (
+            override.model_price()
+            if override is not None
+            else self._known_price(provider, request.model, at) or highest_price(provider, at)
+        )
         genai_usage = _to_genai_usage(usage)
         total = model_price.calc_price(genai_usage)["total_price"]
         # A model without a cache-write price bills those tokens as plain input.
@@ -107,6 +177,30 @@ class Pricer:
             _to_genai_usage(Usage(input_tokens=tokens, output_tokens=usage.output_tokens))
         )["total_price"]
         return quantize(max(total, plain))
+
+    def refusal(self, provider: str, model: str | None, at: datetime) -> Refusal | None:
+        """Return why a call must not be sent when its model has no price and policy refuses it."""
+        if self.unknown_model != "refuse" or self.is_priced(provider, model, at):
+            return None
+        name = model or "(none)"
+        return Refusal(
+            "unknown_model",
+            f'no price is known for {provider} model {name!r} and unknown_model is "refuse"; '
+            f'add [prices.models."{name}"] with input_per_mtok and output_per_mtok to the '
+            "budget file",
+        )
+
+    def is_priced(self, provider: str, model: str | None, at: datetime) -> bool:
+        """Return whether `model` has a price of its own, from an override or genai-prices."""
+        return (
+            self._override(provider, model) is not None
+            or self._known_price(provider, model, at) is not None
+        )
+
+    def _override(self, provider: str, model: str | None) -> PriceOverride | None:
+        if not model or not self._overrides:
+            return None
+        return next((o for o in self._overrides if o.matches(provider, model)), None)
 
     def _known_price(self, provider: str, model: str | None, at: datetime) -> ModelPrice | None:
         if not model:

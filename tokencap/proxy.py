@@ -158,7 +158,9 @@ class MeterAddon:
             "estimate_usd": str(estimate),
         }
 
-        refusal = session.budget.admit(flow.id, estimate)
+        refusal = session.pricer.refusal(provider, info.model, now)
+        if refusal is None:
+            refusal = session.budget.admit(flow.id, estimate)
         if refusal is not None:
             session.ledger.record_call(
                 row
@@ -248,9 +250,9 @@ class MeterAddon:
         return events_out or []
 
     def _check_running_cost(self, flow: http.HTTPFlow, call: Call) -> Refusal | None:
-        """Price the stream's usage so far against the dollar cap, when it has changed."""
+        """Price the stream's usage so far against the dollar caps, when it has changed."""
         assert call.meter is not None
-        if self.session.budget.max_usd is None:
+        if not self.session.budget.limits_usd:
             return None
         running, _ = call.meter.running_usage(call.request.input_tokens_estimate)
         if running == call.last_running_usage:

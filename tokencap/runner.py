@@ -11,10 +11,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from tokencap import __version__, attribution, providers
+from tokencap.budgets import BudgetRule, LedgerBudgets, applicable
 from tokencap.caps import Budget, Refusal
 from tokencap.errors import EXIT_CAPPED
 from tokencap.ledger import Ledger, data_dir
-from tokencap.prices import Pricer, from_pico
+from tokencap.prices import PriceOverride, Pricer, from_pico
 from tokencap.proxy import Proxy, Session
 from tokencap.supervisor import Child, StopResult, become_subreaper, resolve_executable
 
@@ -37,6 +38,13 @@ class RunOptions:
     max_usd: Decimal | None = None
     max_calls: int | None = None
     grace: float = 2.0
+    # Cumulative budgets from the budget files; the run checks those that match its attribution.
+    budget_rules: list[BudgetRule] = field(default_factory=list)
+    prices: list[PriceOverride] = field(default_factory=list)
+    unknown_model: str = "highest"
+    # NOTE: only the HTTPS interception reads extra hosts; base-URL routing meters the three
+    # providers' variables alone.
+    extra_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,12 +69,13 @@ def run(options: RunOptions) -> RunResult:
     resolve_executable(options.argv[0], env, None)
     ledger = Ledger(options.db_path)
     session_id = attribution.new_session_id()
+    user = options.user or attribution.default_user()
     ledger.start_session(
         {
             "id": session_id,
             "task": options.task,
             "agent": options.agent or attribution.default_agent(options.argv),
-            "user": options.user or attribution.default_user(),
+            "user": user,
             "team": options.team,
             "tags": options.tags,
             "ci": attribution.ci_metadata(env),
@@ -80,15 +89,30 @@ def run(options: RunOptions) -> RunResult:
         }
     )
     budget = Budget(max_usd=options.max_usd, max_calls=options.max_calls)
-    pricer = Pricer()
+    pricer = Pricer(options.prices, options.unknown_model)
+    rules = applicable(options.budget_rules, task=options.task, team=options.team, user=user)
+    shared = None
     try:
-        become_subreaper()
-        exit_code, stop = asyncio.run(
-            _supervise(options, env, session_id, ledger, budget, pricer, upstreams)
-        )
+        refusal = None
+        if rules:
+            shared = LedgerBudgets(options.db_path, session_id, rules)
+            # A budget that is already used up stops the run before the agent starts.
+            refusal = shared.exhausted()
+        if refusal is not None:
+            budget.refuse(refusal)
+            exit_code, stop = EXIT_CAPPED, None
+        else:
+            budget.shared = shared
+            become_subreaper()
+            exit_code, stop = asyncio.run(
+                _supervise(options, env, session_id, ledger, budget, pricer, upstreams)
+            )
     except BaseException:
         ledger.end_session(session_id, status="failed", end_reason="tokencap_error")
         raise
+    finally:
+        if shared is not None:
+            shared.close()
 
     if budget.tripped is not None:
         end_reason, status, exit_code = budget.tripped.cap, "capped", EXIT_CAPPED
@@ -128,6 +152,9 @@ async def _supervise(
     stop_requested = asyncio.Event()
 
     def on_trip(refusal: Refusal) -> None:
+        # A refusal that did not come from the budget, such as an unpriced model, still ends
+        # the run as capped.
+        budget.refuse(refusal)
         if not stop_requested.is_set():
             logger.info("session %s stopped: %s", session_id, refusal.message)
             proxy.addon.cut_all_streams()
