@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -18,11 +19,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import sqlite_utils
 
 from tests.conftest import TESTS, TOKENCAP, query
 from tokencap.budgets import BudgetRule, LedgerBudgets, applicable, concrete, remaining
 from tokencap.caps import Budget
-from tokencap.ledger import Ledger
+from tokencap.ledger import Ledger, m001_sessions_and_calls
 from tokencap.prices import to_pico
 
 WORKER = TESTS / "agents" / "budget_worker.py"
@@ -127,6 +129,53 @@ def test_windows_count_only_their_calls(ledger, tmp_path):
     assert rows["total"]["calls"] == 5
 
 
+def test_window_start_inside_an_hour(ledger):
+    # Whole hours come from the hourly totals; the window's first, partial hour from calls.
+    add_session(ledger, "s", team="platform")
+    add_call(ledger, "s", "1", timedelta(hours=24, seconds=1))
+    add_call(ledger, "s", "0.25", timedelta(hours=23, minutes=59, seconds=59))
+    add_call(ledger, "s", "0.5", timedelta(hours=23))
+    add_call(ledger, "s", "0.125", timedelta(seconds=1))
+
+    (row,) = remaining(ledger.db.conn, [team_rule("day", "10")], NOW)
+
+    assert row["spent_usd"] == "0.875"
+    assert row["calls"] == 3
+
+
+def test_migration_counts_earlier_calls(tmp_path):
+    # A ledger written before the hourly totals existed gets them from its calls.
+    db = sqlite_utils.Database(sqlite3.connect(tmp_path / "old.db", isolation_level=None))
+    db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+    m001_sessions_and_calls(db)
+    db["_migrations"].insert({"name": "m001_sessions_and_calls", "applied_at": NOW.isoformat()})
+    db["sessions"].insert({"id": "s", "team": "platform", "user": "bob"})
+    started = (NOW - timedelta(hours=2)).isoformat(timespec="milliseconds")
+    for seq, (status, cost) in enumerate([("ok", 3), ("upstream_error", 0), ("sent", None)], 1):
+        db["calls"].insert(
+            {
+                "session_id": "s",
+                "seq": seq,
+                "started_at": started,
+                "decision": "admitted",
+                "status": status,
+                "cost_pico_usd": cost,
+            }
+        )
+    db.conn.close()
+
+    book = Ledger(tmp_path / "old.db")
+    before = remaining(book.db.conn, [team_rule("day", "1", calls=10)], NOW)
+    book.update_call(3, {"status": "ok", "cost_pico_usd": 4})
+    after = remaining(book.db.conn, [team_rule("day", "1", calls=10)], NOW)
+    book.close()
+
+    assert before[0]["spent_usd"] == "0.000000000003"
+    assert before[0]["calls"] == 2
+    assert after[0]["spent_usd"] == "0.000000000007"
+    assert after[0]["calls"] == 3
+
+
 def test_refused_and_unsettled_calls_not_spent(ledger):
     add_session(ledger, "s", team="platform")
     add_call(ledger, "s", "0.10", timedelta(minutes=5))
@@ -197,7 +246,7 @@ def test_reservations_block_until_settled(ledger):
 
 
 def test_settled_reservation_counts_until_cost_recorded(ledger):
-    # Between settling and writing the call's cost, the settled reservation stands in for it.
+    # Between settling and writing the call's cost, the settled reservation counts instead.
     add_session(ledger, "a", team="platform")
     shared = LedgerBudgets(ledger.path, "a", [team_rule("day", "1")])
     shared.reserve("a1", Decimal("0.60"))

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -52,7 +51,7 @@ _WINDOW_PHRASES = {
     "month": "in the last 30 days",
 }
 
-# A reservation written from another host name (a container sharing the ledger file, say)
+# A reservation written under another host name, such as a container sharing the ledger file,
 # cannot be checked for a live process, so it is dropped once it is this old.
 FOREIGN_RESERVATION_TIMEOUT = timedelta(hours=6)
 
@@ -122,7 +121,7 @@ def concrete(
 
 @dataclass(slots=True)
 class BudgetUsage:
-    """What one budget's window holds: settled spend and calls, and calls still in flight."""
+    """Settled spend and calls in one budget's window, and the calls still in flight."""
 
     spent_pico: int = 0
     calls: int = 0
@@ -143,47 +142,69 @@ def read_usage(
 ) -> dict[BudgetRule, BudgetUsage]:
     """Return each rule's usage: its window's calls plus the reservations of its scope.
 
-    Costs of calls in flight are not in `calls` yet; their reservations stand in for them. A
-    settled reservation counts as spend until it is deleted, which happens right after its
-    cost is written to `calls`, so for that moment the call may count twice, never zero times.
+    Whole hours of the window come from `budget_spend`, which triggers keep in step with
+    `calls`. The part of the window's first hour that falls inside it comes from `calls`.
+    Costs of calls in flight are not in `calls` yet, so their reservations count instead. A
+    settled reservation counts as spend until it is deleted right after its cost is written
+    to `calls`. For that moment the call may count twice, but never zero times.
     """
-    rules = list(rules)
-    by_scope: dict[tuple[str, str], list[BudgetRule]] = defaultdict(list)
-    for rule in rules:
-        by_scope[(rule.scope, rule.name)].append(rule)
-
     result: dict[BudgetRule, BudgetUsage] = {}
-    for (scope, name), scope_rules in by_scope.items():
-        column = _COLUMNS[scope]
-        starts = [rule.since(now) for rule in scope_rules]
-        columns = ", ".join(
-            "COALESCE(SUM(c.cost_pico_usd) FILTER (WHERE c.started_at >= ?), 0), "
-            "COUNT(c.id) FILTER (WHERE c.started_at >= ? AND c.status != 'sent')"
-            for _ in scope_rules
+    reservations: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+    for rule in rules:
+        scope = (rule.scope, rule.name)
+        if scope not in reservations:
+            reservations[scope] = _reservations(conn, rule)
+        spent, calls = _window_spend(conn, rule, now)
+        settled_pico, settled_calls, in_flight_pico, in_flight_calls = reservations[scope]
+        result[rule] = BudgetUsage(
+            spent_pico=spent + settled_pico,
+            calls=calls + settled_calls,
+            in_flight_pico=in_flight_pico,
+            in_flight_calls=in_flight_calls,
         )
-        params: list[Any] = [value for start in starts for value in (start, start)]
-        row = conn.execute(
-            f"SELECT {columns} FROM calls c JOIN sessions s ON s.id = c.session_id "
-            f"WHERE s.{column} = ? AND c.decision = 'admitted' AND c.started_at >= ?",
-            [*params, name, min(starts)],
-        ).fetchone()
-        held = conn.execute(
-            "SELECT COALESCE(SUM(r.reserved_pico_usd) FILTER (WHERE r.settled = 1), 0), "
-            "COUNT(*) FILTER (WHERE r.settled = 1), "
-            "COALESCE(SUM(r.reserved_pico_usd) FILTER (WHERE r.settled = 0), 0), "
-            "COUNT(*) FILTER (WHERE r.settled = 0) "
-            "FROM budget_reservations r JOIN sessions s ON s.id = r.session_id "
-            f"WHERE s.{column} = ?",
-            [name],
-        ).fetchone()
-        for index, rule in enumerate(scope_rules):
-            result[rule] = BudgetUsage(
-                spent_pico=row[2 * index] + held[0],
-                calls=row[2 * index + 1] + held[1],
-                in_flight_pico=held[2],
-                in_flight_calls=held[3],
-            )
     return result
+
+
+def _window_spend(conn: sqlite3.Connection, rule: BudgetRule, now: datetime) -> tuple[int, int]:
+    """Return the settled spend in picodollars and the calls of a rule's window."""
+    since = rule.since(now)
+    if not since:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(spent_pico_usd), 0), COALESCE(SUM(calls), 0) "
+            "FROM budget_spend WHERE scope = ? AND name = ?",
+            [rule.scope, rule.name],
+        ).fetchone()
+        return row[0], row[1]
+
+    first_hour = datetime.fromisoformat(since).replace(minute=0, second=0, microsecond=0)
+    next_hour = (first_hour + timedelta(hours=1)).isoformat(timespec="milliseconds")
+    hours = conn.execute(
+        "SELECT COALESCE(SUM(spent_pico_usd), 0), COALESCE(SUM(calls), 0) "
+        "FROM budget_spend WHERE scope = ? AND name = ? AND hour >= ?",
+        [rule.scope, rule.name, next_hour[:13]],
+    ).fetchone()
+    edge = conn.execute(
+        "SELECT COALESCE(SUM(c.cost_pico_usd), 0), COUNT(c.id) FILTER (WHERE c.status != 'sent') "
+        "FROM calls c JOIN sessions s ON s.id = c.session_id "
+        f"WHERE c.started_at >= ? AND c.started_at < ? AND s.{_COLUMNS[rule.scope]} = ? "
+        "AND c.decision = 'admitted'",
+        [since, next_hour, rule.name],
+    ).fetchone()
+    return hours[0] + edge[0], hours[1] + edge[1]
+
+
+def _reservations(conn: sqlite3.Connection, rule: BudgetRule) -> tuple[int, int, int, int]:
+    """Return settled and in-flight reservations of a rule's scope: picodollars and calls."""
+    row = conn.execute(
+        "SELECT COALESCE(SUM(r.reserved_pico_usd) FILTER (WHERE r.settled = 1), 0), "
+        "COUNT(*) FILTER (WHERE r.settled = 1), "
+        "COALESCE(SUM(r.reserved_pico_usd) FILTER (WHERE r.settled = 0), 0), "
+        "COUNT(*) FILTER (WHERE r.settled = 0) "
+        "FROM budget_reservations r JOIN sessions s ON s.id = r.session_id "
+        f"WHERE s.{_COLUMNS[rule.scope]} = ?",
+        [rule.name],
+    ).fetchone()
+    return row[0], row[1], row[2], row[3]
 
 
 def remaining(
@@ -209,12 +230,12 @@ def remaining(
                 "window": rule.window,
                 "since": rule.since(now) or None,
                 "max_usd": None if rule.max_usd is None else str(rule.max_usd),
-                "spent_usd": str(from_pico(used.spent_pico)),
-                "in_flight_usd": str(from_pico(used.in_flight_pico)),
+                "spent_usd": _decimal_text(used.spent_pico),
+                "in_flight_usd": _decimal_text(used.in_flight_pico),
                 "remaining_usd": (
                     None
                     if rule.max_usd is None
-                    else str(from_pico(max(0, to_pico(rule.max_usd) - used.committed_pico)))
+                    else _decimal_text(max(0, to_pico(rule.max_usd) - used.committed_pico))
                 ),
                 "max_calls": rule.max_calls,
                 "calls": used.calls,
@@ -262,9 +283,9 @@ class LedgerBudgets:
     """Admits one session's calls against budgets shared with other runs through the ledger.
 
     It implements `tokencap.caps.SharedBudgets`: the session's `Budget` calls it after its own
-    caps pass. Methods run on the proxy's event loop thread; each is a short transaction on a
-    connection of its own, so a SQLite lock held by another process delays one admission at
-    most by the connection's busy timeout of 30 seconds, after which the call is refused.
+    caps pass. Methods run on the proxy's event loop thread, each as a short transaction on a
+    connection of its own. A SQLite lock held by another process delays an admission by at
+    most the busy timeout of 30 seconds, after which the call is refused.
     """
 
     def __init__(self, db_path: Path, session_id: str, rules: list[BudgetRule]) -> None:
@@ -273,6 +294,9 @@ class LedgerBudgets:
         self.session_id = session_id
         try:
             self._conn = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+            # As the ledger's own connection: WAL survives a crash of tokencap without a sync
+            # at every commit.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the ledger at {db_path}: {exc}") from exc
         self._owner = _current_process()
@@ -369,8 +393,8 @@ class LedgerBudgets:
             self._delete_settled_soon()
             usage = read_usage(self._conn, self.rules, datetime.now(UTC))
         except sqlite3.Error:
-            # The call is over; the reservation, if still there, keeps counting its estimate
-            # until the next admission, which fails closed if the ledger is still unusable.
+            # The call is over. Its reservation keeps counting what it held until the next
+            # admission, which fails closed if the ledger is still unusable.
             logger.exception("could not settle the budget reservation of call %s", key)
             return None
         for rule in self.rules:
@@ -463,6 +487,11 @@ def _admission_refusal(rule: BudgetRule, used: BudgetUsage, estimate_pico: int) 
 
 def _refusal(rule: BudgetRule, message: str) -> Refusal:
     return Refusal(rule.cap, message, label=rule.label)
+
+
+def _decimal_text(pico: int) -> str:
+    # Without "f", Decimal writes amounts below a millionth in exponent form.
+    return f"{from_pico(pico):f}"
 
 
 def _usd(pico: int) -> str:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Why a call was not sent upstream."""
+    """The reason a call was not sent upstream."""
 
     # "max_calls", "max_usd", "unknown_model", "tokencap_error", or a shared budget's id
     # such as "team_budget:platform/day"

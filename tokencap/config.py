@@ -6,8 +6,8 @@ A run's settings come from four layers, highest precedence first: command-line f
 directory upward, else the `[tool.tokencap]` table of the nearest `pyproject.toml` that has
 one. The user file is `$XDG_CONFIG_HOME/tokencap/config.toml` (default `~/.config`).
 
-The two files are merged key by key, the project file winning; then a `[tasks.NAME]` table
-overrides the defaults for the run's task; then environment variables and flags override the
+The two files are merged key by key, and the project file wins. Then the `[tasks.NAME]` table
+of the run's task overrides the defaults, and environment variables and flags override the
 result. Every value keeps its source (file and line, variable or flag), which
 `tokencap config` prints. docs/budgets.md describes every key.
 """
@@ -64,7 +64,7 @@ DEFAULT_GRACE_SECONDS = Decimal(2)
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """Where a setting's value came from."""
+    """The origin of a setting's value."""
 
     kind: str  # "flag", "env", "project", "user" or "default"
     detail: str = ""  # the flag, the variable, or "FILE:LINE"
@@ -291,7 +291,7 @@ def _syntax_problem(path: Path, text: str, error: str) -> str:
 
 
 class _Invalid(Exception):
-    """A value that does not fit its key; the message says what was expected."""
+    """A value that does not fit its key. The message names the expected type or range."""
 
 
 class _Validator:
@@ -510,6 +510,7 @@ def _check_price(validator: _Validator, path: KeyPath, value: Any) -> None:
     if not isinstance(value, dict):
         validator.problem(path, f"expected a table of rates, got {_describe(value)}")
         return
+
     rates: dict[str, Decimal] = {}
     provider = None
     valid = True
@@ -527,6 +528,7 @@ def _check_price(validator: _Validator, path: KeyPath, value: Any) -> None:
         except _Invalid as exc:
             validator.problem((*path, key), str(exc))
             valid = False
+
     for required in ("input_per_mtok", "output_per_mtok"):
         if required not in value:
             validator.problem(
@@ -537,6 +539,7 @@ def _check_price(validator: _Validator, path: KeyPath, value: Any) -> None:
             valid = False
     if not valid:
         return
+
     input_rate = rates["input_per_mtok"]
     cache_write = rates.get("cache_write_per_mtok", input_rate)
     validator.set(

@@ -12,7 +12,7 @@ from rich.table import Table
 from tokencap.caps import format_usd
 from tokencap.config import RunSettings, Setting, dotted
 
-# What a run uses when no layer sets these.
+# Defaults that a run computes when no layer sets these settings.
 _DEFAULT_DESCRIPTIONS = {
     "agent": "the command's base name",
     "user": "git user.email, else the login name",

@@ -119,13 +119,60 @@ def m003_budget_reservations(db: sqlite_utils.Database) -> None:
         },
         pk=("session_id", "call_key"),
     )
-    # Budgets add up a team's, user's or task's calls in a time window.
-    db["sessions"].create_index(["team"], if_not_exists=True)
-    db["sessions"].create_index(["user"], if_not_exists=True)
-    db["calls"].create_index(
-        ["session_id", "started_at", "decision", "status", "cost_pico_usd"],
-        index_name="idx_calls_budget_window",
-        if_not_exists=True,
+
+    # Spend and calls per task, team and user, per hour of `calls.started_at` ("2026-12-04T21"),
+    # so that a budget's window adds up hundreds of rows rather than every call. Triggers keep
+    # it in step with `calls` inside each write's own transaction; a call counts once it is
+    # admitted and no longer in flight.
+    db["budget_spend"].create(
+        {"scope": str, "name": str, "hour": str, "spent_pico_usd": int, "calls": int},
+        pk=("scope", "name", "hour"),
+    )
+    db.execute(
+        "CREATE TRIGGER budget_spend_insert AFTER INSERT ON calls BEGIN "
+        + _budget_spend_upsert("NEW", "")
+        + " END"
+    )
+    db.execute(
+        "CREATE TRIGGER budget_spend_update AFTER UPDATE ON calls BEGIN "
+        + _budget_spend_upsert("OLD", "-")
+        + _budget_spend_upsert("NEW", "")
+        + " END"
+    )
+    db.execute(
+        "CREATE TRIGGER budget_spend_delete AFTER DELETE ON calls BEGIN "
+        + _budget_spend_upsert("OLD", "-")
+        + " END"
+    )
+    # Calls recorded before this migration.
+    db.execute(
+        "INSERT INTO budget_spend (scope, name, hour, spent_pico_usd, calls) "
+        "SELECT a.scope, a.name, substr(c.started_at, 1, 13), "
+        "SUM(COALESCE(c.cost_pico_usd, 0)), COUNT(*) "
+        "FROM calls c JOIN ("
+        "  SELECT id, 'task' AS scope, task AS name FROM sessions"
+        "  UNION ALL SELECT id, 'team', team FROM sessions"
+        "  UNION ALL SELECT id, 'user', \"user\" FROM sessions"
+        ") a ON a.id = c.session_id "
+        "WHERE a.name IS NOT NULL AND c.decision = 'admitted' AND c.status != 'sent' "
+        "GROUP BY a.scope, a.name, substr(c.started_at, 1, 13)"
+    )
+
+
+def _budget_spend_upsert(row: str, sign: str) -> str:
+    """Return SQL that adds (sign "") or removes (sign "-") one call row in budget_spend."""
+    session = f'(SELECT task, team, "user" FROM sessions WHERE id = {row}.session_id)'
+    return (
+        "INSERT INTO budget_spend (scope, name, hour, spent_pico_usd, calls) "
+        f"SELECT scope, name, substr({row}.started_at, 1, 13), "
+        f"{sign}COALESCE({row}.cost_pico_usd, 0), {sign}1 FROM ("
+        f"  SELECT 'task' AS scope, task AS name FROM {session}"
+        f"  UNION ALL SELECT 'team', team FROM {session}"
+        f"  UNION ALL SELECT 'user', \"user\" FROM {session}"
+        f") WHERE name IS NOT NULL AND {row}.decision = 'admitted' AND {row}.status != 'sent' "
+        "ON CONFLICT (scope, name, hour) DO UPDATE SET "
+        "spent_pico_usd = spent_pico_usd + excluded.spent_pico_usd, "
+        "calls = calls + excluded.calls;"
     )
 
 

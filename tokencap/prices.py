@@ -42,7 +42,7 @@ _TOKEN_PRICE_KEYS = (
 # output needs no such bound, because the proxy counts it as it arrives.
 DEFAULT_OUTPUT_TOKENS_BOUND = 16_384
 
-# What to do with a call to a model that has no known price.
+# Policies for a call to a model that has no known price.
 UNKNOWN_MODEL_POLICIES = ("highest", "refuse")
 
 
