@@ -65,6 +65,19 @@ def seed(ledger: Ledger, calls: int, sessions: int) -> None:
             )
 
 
+def record_sent_call(ledger: Ledger, session_id: str, seq: int) -> int:
+    """Record an admitted call in flight, as the proxy does before forwarding it."""
+    return ledger.record_call(
+        {
+            "session_id": session_id,
+            "seq": seq,
+            "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "decision": "admitted",
+            "status": "sent",
+        }
+    )
+
+
 async def measure(ledger: Ledger, session_id: str, budget: Budget, calls: int) -> list[float]:
     """Return the milliseconds each call spends in admission and settlement."""
     timings = []
@@ -72,15 +85,7 @@ async def measure(ledger: Ledger, session_id: str, budget: Budget, calls: int) -
         key = f"{session_id}-{seq}"
         start = time.perf_counter()
         assert budget.admit(key, COST) is None
-        row_id = ledger.record_call(
-            {
-                "session_id": session_id,
-                "seq": seq,
-                "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "decision": "admitted",
-                "status": "sent",
-            }
-        )
+        row_id = record_sent_call(ledger, session_id, seq)
         admitted = time.perf_counter()
         await asyncio.sleep(0)
         settling = time.perf_counter()
@@ -148,15 +153,7 @@ def contend(db: Path, session_id: str, start_at: float) -> dict:
             if budget.admit(key, cost) is not None:
                 return admitted
             seq += 1
-            row_id = ledger.record_call(
-                {
-                    "session_id": session_id,
-                    "seq": seq,
-                    "started_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                    "decision": "admitted",
-                    "status": "sent",
-                }
-            )
+            row_id = record_sent_call(ledger, session_id, seq)
             await asyncio.sleep(0)
             budget.settle(key, cost)
             ledger.update_call(

@@ -124,8 +124,8 @@ def run(
 ) -> None:
     """Run COMMAND with its model calls metered and capped.
 
-    Caps, attribution and prices also come from TOKENCAP_* variables and budget files
-    (tokencap.toml); flags take precedence. See `tokencap config`.
+    Settings also come from TOKENCAP_* variables and budget files such as tokencap.toml.
+    Flags take precedence; `tokencap config` shows what a run would use.
 
     Example: tokencap run --task fix-login --max-usd 5 --max-calls 50 -- claude -p "fix it"
     """
@@ -178,8 +178,8 @@ def show_config(
 ) -> None:
     """Show the settings a run would use and where each came from.
 
-    Takes the same settings flags as `tokencap run`, so `tokencap config --task fix-login`
-    shows what `tokencap run --task fix-login` would apply.
+    Takes the settings flags of `tokencap run`:
+    `tokencap config --task fix-login` shows what `tokencap run --task fix-login` would use.
     """
     from tokencap import config, config_report
 
@@ -251,17 +251,13 @@ def budget_status(
     Budgets for every team or user ("*") are shown for the team and user a run here would
     have; --team and --user choose others.
     """
-    from tokencap import attribution, budgets, config, config_report, ledger
+    from tokencap import config, config_report, ledger
 
     _check_format(output_format)
     try:
         flags = config.Flags(task=task, user=user, team=team, budget_file=budget)
-        settings = config.load_settings(Path.cwd(), os.environ, flags)
-        rows = budgets.status(
-            db or ledger.default_path(),
-            settings.budgets,
-            team=settings.team.value,
-            user=settings.user.value or attribution.default_user(),
+        rows = config_report.budget_status(
+            db or ledger.default_path(), Path.cwd(), os.environ, flags
         )
     except TokencapError as exc:
         _fail(exc)

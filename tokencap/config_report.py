@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tokencap import attribution, budgets
 from tokencap.caps import format_usd
-from tokencap.config import RunSettings, Setting, dotted
+from tokencap.config import Flags, RunSettings, Setting, dotted, load_settings
 
 # Defaults that a run computes when no layer sets these settings.
 _DEFAULT_DESCRIPTIONS = {
@@ -133,6 +136,24 @@ def print_settings(console: Console, data: dict[str, Any]) -> None:
                 escape(entry["source"]),
             )
         console.print(prices)
+
+
+def budget_status(
+    db_path: Path, cwd: Path, env: Mapping[str, str], flags: Flags | None = None
+) -> list[dict[str, Any]]:
+    """Return what remains of the shared budgets that apply in `cwd`, as plain data.
+
+    The budget files, variables and `flags` are read as for a run; budgets for every team or
+    user ("*") are reported for the run's team and user. The rows are those of
+    `tokencap.budgets.remaining`. Raises ConfigError on invalid settings.
+    """
+    settings = load_settings(cwd, env, flags or Flags())
+    return budgets.status(
+        db_path,
+        settings.budgets,
+        team=settings.team.value,
+        user=settings.user.value or attribution.default_user(),
+    )
 
 
 def print_budget_status(console: Console, rows: list[dict[str, Any]]) -> None:

@@ -95,6 +95,9 @@ def run(options: RunOptions) -> RunResult:
     try:
         refusal = None
         if rules:
+            logger.info(
+                "session %s draws on %s", session_id, ", ".join(rule.label for rule in rules)
+            )
             shared = LedgerBudgets(options.db_path, session_id, rules)
             # A budget that is already used up stops the run before the agent starts.
             refusal = shared.exhausted()
