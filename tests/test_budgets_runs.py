@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -95,10 +96,17 @@ def test_other_task_not_limited(upstream, run_agent, project):
     assert len(upstream.inference_requests()) == 3
 
 
-def _start_run(env: dict[str, str], cwd: Path, out: Path, *agent_args: str) -> subprocess.Popen:
+# Writes its ready file, waits for the go file, then runs the rest of its arguments.
+WAIT_FOR_GO = 'touch "$1"; while [ ! -e "$2" ]; do sleep 0.02; done; shift 2; exec "$@"'
+
+
+def _start_run(
+    env: dict[str, str], cwd: Path, ready: Path, go: Path, out: Path, *agent_args: str
+) -> subprocess.Popen:
+    agent = [sys.executable, str(SDK_AGENT), "--out", str(out), *agent_args]
     return subprocess.Popen(
         [str(TOKENCAP), "run", "--team", "platform", "--grace", "3", "--"]
-        + [sys.executable, str(SDK_AGENT), "--out", str(out), *agent_args],
+        + ["sh", "-c", WAIT_FOR_GO, "sh", str(ready), str(go), *agent],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -116,7 +124,18 @@ def test_concurrent_runs_share_team_day_budget(upstream, tokencap_env, project, 
     agent = [*AGENT_ARGS, "--calls", "40", "--parallel", "3", "--keep-going"]
     db = Path(tokencap_env["TOKENCAP_DB"])
 
-    runs = [_start_run(tokencap_env, project, tmp_path / f"out-{i}.jsonl", *agent) for i in (1, 2)]
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-{i}" for i in (1, 2)]
+
+    runs = [
+        _start_run(tokencap_env, project, ready[i], go, tmp_path / f"out-{i}.jsonl", *agent)
+        for i in (0, 1)
+    ]
+    # Both agents start calling together, whichever tokencap took longer to start.
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in ready) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    go.touch()
     outcomes = [run.communicate(timeout=120) for run in runs]
 
     for run, (_, stderr) in zip(runs, outcomes, strict=True):

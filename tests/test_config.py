@@ -370,6 +370,21 @@ def test_budgets_merge_key_by_key(tree, env):
     assert budgets["team_budget:platform/week"]["source"] == f"{user_file}:3"
 
 
+def test_config_lists_merged_keys(tree, env):
+    user_file = write(
+        tree["xdg"] / "tokencap" / "config.toml",
+        "[run]\nmax_usd = 1\n[tasks.other]\nmax_calls = 3\n",
+    )
+    project_file = write(tree["project"] / "tokencap.toml", "[run]\nmax_usd = 2\n")
+
+    keys = shown(env, tree["cwd"])["keys"]
+
+    assert keys == {
+        "run.max_usd": {"value": "2", "source": f"{project_file}:2"},
+        "tasks.other.max_calls": {"value": 3, "source": f"{user_file}:4"},
+    }
+
+
 def test_invalid_environment_value(tree, env):
     result = cli(["config"], env | {"TOKENCAP_MAX_USD": "lots"}, tree["cwd"])
 

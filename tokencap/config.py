@@ -114,6 +114,7 @@ class RunSettings:
     extra_hosts: Setting
     budgets: list[BudgetRule]  # every cumulative budget defined, not only the run's own
     prices: list[PriceOverride]
+    keys: dict[KeyPath, Setting]  # every key of the merged files, for other tasks too
 
     def scalars(self) -> dict[str, Setting]:
         """Return the single-valued settings by name, in display order."""
@@ -309,6 +310,7 @@ def resolve(config: Config, flags: Flags, env: Mapping[str, str]) -> RunSettings
 
     return RunSettings(
         files=config.files,
+        keys=dict(config.settings),
         task=task,
         agent=run_value("agent", "attribution"),
         user=run_value("user", "attribution"),

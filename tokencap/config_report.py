@@ -35,6 +35,12 @@ def describe(settings: RunSettings) -> dict[str, Any]:
             for f in settings.files
         ],
         "settings": {name: _setting(name, setting) for name, setting in settings.scalars().items()},
+        "keys": {
+            dotted(path): {"value": _plain(setting.value), "source": str(setting.source)}
+            for path, setting in settings.keys.items()
+            # Prices have their own list below.
+            if path[:2] != ("prices", "models")
+        },
         "budgets": [
             {
                 "budget": rule.cap,
@@ -104,6 +110,17 @@ def print_settings(console: Console, data: dict[str, Any]) -> None:
             shown = ", ".join(value) if isinstance(value, list) else str(value)
         settings.add_row(name, escape(shown), escape(entry["source"]))
     console.print(settings)
+
+    if data["keys"]:
+        keys = Table(title="Keys of the budget files, merged", title_justify="left")
+        keys.add_column("key")
+        keys.add_column("value")
+        keys.add_column("source")
+        for key, entry in data["keys"].items():
+            value = entry["value"]
+            shown = ", ".join(value) if isinstance(value, list) else str(value)
+            keys.add_row(escape(key), escape(shown), escape(entry["source"]))
+        console.print(keys)
 
     if data["budgets"]:
         budgets = Table(title="Cumulative budgets", title_justify="left")
