@@ -98,35 +98,23 @@ def print_settings(console: Console, data: dict[str, Any]) -> None:
     else:
         console.print("No budget file applies here; `tokencap init` writes a starter file.")
 
-    settings = Table(title="Run settings", title_justify="left")
-    settings.add_column("setting")
-    settings.add_column("value")
-    settings.add_column("source")
+    settings = _titled_table("Run settings", "setting", "value", "source")
     for name, entry in data["settings"].items():
-        value = entry["value"]
-        if value is None or value == []:
+        if entry["value"] is None or entry["value"] == []:
             shown = f"({entry['default']})" if "default" in entry else "not set"
         else:
-            shown = ", ".join(value) if isinstance(value, list) else str(value)
+            shown = _shown(entry["value"])
         settings.add_row(name, escape(shown), escape(entry["source"]))
     console.print(settings)
 
     if data["keys"]:
-        keys = Table(title="Keys of the budget files, merged", title_justify="left")
-        keys.add_column("key")
-        keys.add_column("value")
-        keys.add_column("source")
+        keys = _titled_table("Keys of the budget files, merged", "key", "value", "source")
         for key, entry in data["keys"].items():
-            value = entry["value"]
-            shown = ", ".join(value) if isinstance(value, list) else str(value)
-            keys.add_row(escape(key), escape(shown), escape(entry["source"]))
+            keys.add_row(escape(key), escape(_shown(entry["value"])), escape(entry["source"]))
         console.print(keys)
 
     if data["budgets"]:
-        budgets = Table(title="Cumulative budgets", title_justify="left")
-        budgets.add_column("budget")
-        budgets.add_column("limit")
-        budgets.add_column("source")
+        budgets = _titled_table("Cumulative budgets", "budget", "limit", "source")
         for entry in data["budgets"]:
             budgets.add_row(
                 escape(f"{entry['scope']} budget {entry['name']}/{entry['window']}"),
@@ -136,11 +124,11 @@ def print_settings(console: Console, data: dict[str, Any]) -> None:
         console.print(budgets)
 
     if data["prices"]:
-        prices = Table(title="Prices in dollars per million tokens", title_justify="left")
-        for column in ("model", "provider", "input", "output", "cache read", "cache write"):
-            prices.add_column(column)
-        prices.add_column("cache write 1h")
-        prices.add_column("source")
+        prices = _titled_table(
+            "Prices in dollars per million tokens",
+            *("model", "provider", "input", "output"),
+            *("cache read", "cache write", "cache write 1h", "source"),
+        )
         for entry in data["prices"]:
             prices.add_row(
                 escape(entry["model"]),
@@ -205,6 +193,17 @@ def print_budget_status(console: Console, rows: list[dict[str, Any]]) -> None:
             ", ".join(remaining),
         )
     console.print(table)
+
+
+def _titled_table(title: str, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
+def _shown(value: Any) -> str:
+    return ", ".join(value) if isinstance(value, list) else str(value)
 
 
 def _limits(max_usd: str | None, max_calls: int | None) -> str:
