@@ -104,7 +104,8 @@ def run_tokencap(tmp_path: Path, tokencap_env: dict[str, str]):
         process = subprocess.run(
             [str(TOKENCAP), "run", *options, "--", *command],
             env=full_env,
-            cwd=cwd,
+            # The test's own directory, so that no tokencap.toml of the checkout applies.
+            cwd=cwd or tmp_path,
             capture_output=True,
             text=True,
             timeout=timeout,
