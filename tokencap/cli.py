@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tokencap import __version__
+from tokencap.caps import money
 from tokencap.console import stderr_console
 from tokencap.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, TokencapError
 
@@ -50,7 +52,8 @@ def main_options(
 
 
 @app.command(
-    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+    # Options end at the command's name, so the command's own options are never parsed here.
+    context_settings={"allow_interspersed_args": False},
 )
 def run(
     command: Annotated[
@@ -77,12 +80,16 @@ def run(
         str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD")
     ] = None,
     max_calls: Annotated[
-        int | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
+        str | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
     ] = None,
     grace: Annotated[
-        float,
-        typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.", metavar="SECONDS"),
-    ] = 2.0,
+        str,
+        typer.Option(
+            help="Seconds between SIGTERM and SIGKILL when stopping (default 2).",
+            metavar="SECONDS",
+            show_default=False,
+        ),
+    ] = "2",
     db: DbOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each call on stderr while it runs.")
@@ -109,8 +116,8 @@ def run(
             team=team,
             tags=attribution.parse_tags(tag or []),
             max_usd=_parse_usd(max_usd),
-            max_calls=_positive_int(max_calls, "--max-calls"),
-            grace=_non_negative(grace, "--grace"),
+            max_calls=_parse_max_calls(max_calls),
+            grace=_parse_grace(grace),
         )
         runner.log_to_file(verbose)
         result = runner.run(options)
@@ -126,7 +133,7 @@ def run(
 def report(
     db: DbOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    limit: Annotated[int, typer.Option(help="Number of sessions to show.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Number of sessions to show.")] = 50,
 ) -> None:
     """Show recorded sessions, newest first, with their calls, tokens and cost."""
     from tokencap import ledger
@@ -162,7 +169,9 @@ def report(
 @app.command()
 def demo(
     db: DbOption = None,
-    max_usd: Annotated[str, typer.Option(help="Dollar cap for the demo run.")] = "0.05",
+    max_usd: Annotated[
+        str, typer.Option(help="Dollar cap for the demo run.", metavar="USD")
+    ] = "0.05",
 ) -> None:
     """Run a small example agent against a built-in simulated provider, under a cap.
 
@@ -244,16 +253,21 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
             f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
             f"were charged at the highest {provider} rates and flagged as estimated"
         )
+    for upstream, error in sorted(result.unreachable.items()):
+        console.print(
+            f"[yellow]tokencap:[/] calls could not reach {upstream}: {error}; check the "
+            "base-URL variable tokencap was started with"
+        )
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
-            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
-            f"${result.spent_usd} spent, {_count(result.calls, 'call')}, "
+            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: {result.refusal.message}; "
+            f"{_count(result.calls, 'call')} sent, "
             f"{_count(stopped, 'process', 'processes')} stopped (session {result.session_id})"
         )
     elif verbose:
         console.print(
-            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
+            f"tokencap: session {result.session_id} ended: ${money(result.spent_usd)} spent, "
             f"{_count(result.calls, 'call')}, exit status {result.exit_code}"
         )
 
@@ -271,21 +285,48 @@ def _parse_usd(value: str | None) -> Decimal | None:
         raise ConfigError(
             f"invalid --max-usd {value!r}: expected dollars, such as 5 or 0.50"
         ) from None
-    if not amount.is_finite() or amount <= 0:
+    if not amount.is_finite():
+        raise ConfigError(f"invalid --max-usd {value!r}: expected a finite amount, such as 5")
+    if amount <= 0:
         raise ConfigError(f"invalid --max-usd {value!r}: the cap must be more than 0")
-    return amount
+    if amount != amount.quantize(Decimal("1e-12"), rounding=ROUND_DOWN):
+        raise ConfigError(
+            f"invalid --max-usd {value!r}: tokencap counts in picodollars, 12 decimal places"
+        )
+    # Store and print the cap in plain notation: 1E+3 becomes 1000.
+    return Decimal(format(amount.normalize(), "f"))
 
 
-def _positive_int(value: int | None, name: str) -> int | None:
-    if value is not None and value < 1:
-        raise ConfigError(f"invalid {name} {value}: it must be at least 1")
-    return value
+def _parse_max_calls(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        calls = int(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid --max-calls {value!r}: expected a whole number, such as 50"
+        ) from None
+    if calls < 1:
+        raise ConfigError(f"invalid --max-calls {value!r}: it must be at least 1")
+    return calls
 
 
-def _non_negative(value: float, name: str) -> float:
-    if value < 0:
-        raise ConfigError(f"invalid {name} {value}: it must be 0 or more")
-    return value
+# A grace period longer than this would leave a stopped agent running for too long to be a cap.
+MAX_GRACE_SECONDS = 300
+
+
+def _parse_grace(value: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid --grace {value!r}: expected seconds, such as 2 or 0.5"
+        ) from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_GRACE_SECONDS:
+        raise ConfigError(
+            f"invalid --grace {value!r}: expected seconds from 0 to {MAX_GRACE_SECONDS}"
+        )
+    return seconds
 
 
 def main() -> None:

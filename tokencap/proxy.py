@@ -76,6 +76,8 @@ class Session:
     on_trip: Callable[[Refusal], None]
     secret: str = field(default_factory=lambda: "tc-" + secrets.token_urlsafe(18))
     seq: int = 0
+    # Upstream URL -> the last connection error, for upstreams that could not be reached.
+    unreachable: dict[str, str] = field(default_factory=dict)
 
 
 class MeterAddon:
@@ -346,6 +348,8 @@ class MeterAddon:
         elif flow.response is None and flow.server_conn and not flow.server_conn.timestamp_start:
             # The upstream was never reached, so nothing can have been billed.
             usage, estimated = Usage(), False
+            upstream = self.session.upstreams[call.provider].url
+            self.session.unreachable[upstream] = values["error"] or "connection failed"
         else:
             usage, estimated = _fallback_usage(call), True
         values["status"] = "cut" if call.cut else "dropped"
