@@ -28,6 +28,7 @@ from tokencap.ledger import Ledger, m001_sessions_and_calls
 from tokencap.prices import to_pico
 
 WORKER = TESTS / "agents" / "budget_worker.py"
+# Times of seeded calls are relative to this; tests that add up windows pass it as "now".
 NOW = datetime.now(UTC)
 
 
@@ -118,7 +119,7 @@ def test_windows_count_only_their_calls(ledger, tmp_path):
         team_rule("total", "100"),
     ]
 
-    rows = {row["window"]: row for row in remaining(ledger.db.conn, rules)}
+    rows = {row["window"]: row for row in remaining(ledger.db.conn, rules, NOW)}
 
     assert rows["day"]["spent_usd"] == "0.32"
     assert rows["day"]["remaining_usd"] == "0.68"
@@ -187,7 +188,7 @@ def test_refused_and_unsettled_calls_not_spent(ledger):
         ledger, "s", "0", timedelta(minutes=3), status="sent", cost_usd=None, cost_pico_usd=None
     )
 
-    (row,) = remaining(ledger.db.conn, [team_rule("day", "1", calls=10)])
+    (row,) = remaining(ledger.db.conn, [team_rule("day", "1", calls=10)], NOW)
 
     assert row["spent_usd"] == "0.1"
     assert row["calls"] == 1
@@ -258,10 +259,7 @@ def test_settled_reservation_counts_until_cost_recorded(ledger):
     assert row["spent_usd"] == "1"
     assert row["remaining_usd"] == "0"
     assert reached is not None
-    assert (
-        reached.message
-        == "team budget platform/day reached: $1.00 of $1.00 spent in the last 24 hours"
-    )
+    assert reached.message == "team budget platform/day: $1.00 of $1.00 spent in the last 24 hours"
 
 
 def test_call_budget_counts_calls_in_flight(ledger):
@@ -308,7 +306,10 @@ def test_stream_reservation_grows_then_cuts(ledger):
     assert held_with_all_room == to_pico(Decimal("0.75"))
     assert over is not None
     assert over.cap == "team_budget:platform/day"
-    assert "reached mid-stream: $1.01 of $1.00" in over.message
+    assert over.message == (
+        "team budget platform/day: $1.01 of $1.00 spent or in flight in the last 24 hours, "
+        "reached mid-stream"
+    )
 
 
 def test_shared_refusal_leaves_session_counters(ledger):
@@ -336,7 +337,7 @@ def test_exhausted_before_start(ledger):
     shared.close()
 
     assert refusal is not None
-    assert refusal.message == "task budget t1/total is used up: $2.00 of $2.00 spent in total"
+    assert refusal.message == "task budget t1/total: $2.00 of $2.00 already spent in total"
 
 
 # --- Processes -----------------------------------------------------------------------------

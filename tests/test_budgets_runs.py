@@ -82,8 +82,8 @@ def test_task_budget_stops_second_session(upstream, run_agent, project):
     assert spent(second.db) == 4 * CALL_COST
     assert second_session["end_reason"] == "task_budget:refactor/total"
     assert second_session["status"] == "capped"
-    assert "stopped by task budget refactor/total: $0.021 spent, 2 calls" in second.stderr
-    assert "task budget refactor/total: $0.042 spent in total" in second.stderr
+    assert "stopped by task budget refactor/total: $0.042 spent in total, " in second.stderr
+    assert "; 2 calls sent, " in second.stderr
 
 
 def test_other_task_not_limited(upstream, run_agent, project):
@@ -180,7 +180,7 @@ def test_stream_cut_by_team_budget(upstream, run_agent, project):
     assert call["status"] == "cut"
     assert Decimal(call["cost_usd"]) <= Decimal("0.0035") + Decimal("0.0001")
     assert "stopped by team budget platform/day" in run.stderr
-    assert "reached mid-stream" in run.stderr
+    assert "spent or in flight in the last 24 hours, reached mid-stream" in run.stderr
 
 
 def test_used_up_budget_stops_before_agent(upstream, run_tokencap, project, tokencap_env):
@@ -209,8 +209,10 @@ def test_used_up_budget_stops_before_agent(upstream, run_tokencap, project, toke
     assert run.exit_code == EXIT_CAPPED
     assert not marker.exists()
     assert upstream.inference_requests() == []
-    assert "stopped by user budget bob/day: $0 spent, 0 calls, 0 processes stopped" in run.stderr
-    assert "user budget bob/day is used up: $1.00 of $1.00 spent in the last 24 hours" in run.stderr
+    assert (
+        "stopped by user budget bob/day: $1.00 of $1.00 already spent in the last 24 hours; "
+        "0 calls sent, 0 processes stopped"
+    ) in run.stderr
     session = run.session()
     assert session["status"] == "capped"
     assert session["end_reason"] == "user_budget:bob/day"

@@ -473,7 +473,19 @@ INVALID = {
         "tasks.t.max_usd_total",
         "got -2.5",
     ),
-    "negative-grace": ("[run]\ngrace_seconds = -1\n", 2, "run.grace_seconds", "0 seconds or more"),
+    "negative-grace": (
+        "[run]\ngrace_seconds = -1\n",
+        2,
+        "run.grace_seconds",
+        "expected seconds from 0 to 300, got -1",
+    ),
+    "long-grace": ("[run]\ngrace_seconds = 301\n", 2, "run.grace_seconds", "got 301"),
+    "too-precise-cap": (
+        "[tasks.t]\nmax_usd_total = 0.0000000000001\n",
+        2,
+        "tasks.t.max_usd_total",
+        "12 decimal places",
+    ),
     "negative-price": (
         "[prices.models.m]\ninput_per_mtok = -1\noutput_per_mtok = 1\n",
         2,

@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 
-from tokencap.caps import Refusal, format_usd
+from tokencap.caps import Refusal, money
 from tokencap.errors import LedgerError
 from tokencap.ledger import Ledger
 from tokencap.prices import from_pico, to_pico
@@ -315,13 +315,13 @@ class LedgerBudgets:
             if rule.max_usd is not None and used.spent_pico >= to_pico(rule.max_usd):
                 return _refusal(
                     rule,
-                    f"{rule.label} is used up: ${_usd(used.spent_pico)} of "
-                    f"${format_usd(rule.max_usd)} spent {_WINDOW_PHRASES[rule.window]}",
+                    f"{rule.label}: ${_usd(used.spent_pico)} of ${money(rule.max_usd)} "
+                    f"already spent {_WINDOW_PHRASES[rule.window]}",
                 )
             if rule.max_calls is not None and used.calls >= rule.max_calls:
                 return _refusal(
                     rule,
-                    f"{rule.label} is used up: {used.calls} of {rule.max_calls} calls made "
+                    f"{rule.label}: {used.calls} of {rule.max_calls} calls already made "
                     f"{_WINDOW_PHRASES[rule.window]}",
                 )
         return None
@@ -367,10 +367,10 @@ class LedgerBudgets:
                     if room < running:
                         refusal = _refusal(
                             rule,
-                            f"{rule.label} reached mid-stream: "
+                            f"{rule.label}: "
                             f"${_usd(usage[rule].committed_pico - held + running)} of "
-                            f"${format_usd(rule.max_usd)} spent or in flight "
-                            f"{_WINDOW_PHRASES[rule.window]}",
+                            f"${money(rule.max_usd)} spent or in flight "
+                            f"{_WINDOW_PHRASES[rule.window]}, reached mid-stream",
                         )
                         target = running
                         break
@@ -402,7 +402,7 @@ class LedgerBudgets:
             if rule.max_usd is not None and spent >= to_pico(rule.max_usd):
                 return _refusal(
                     rule,
-                    f"{rule.label} reached: ${_usd(spent)} of ${format_usd(rule.max_usd)} spent "
+                    f"{rule.label}: ${_usd(spent)} of ${money(rule.max_usd)} spent "
                     f"{_WINDOW_PHRASES[rule.window]}",
                 )
         return None
@@ -480,7 +480,7 @@ def _admission_refusal(rule: BudgetRule, used: BudgetUsage, estimate_pico: int) 
             rule,
             f"{rule.label}: ${_usd(used.spent_pico)} spent {window}, "
             f"${_usd(used.in_flight_pico)} in flight, next call estimated at "
-            f"${_usd(estimate_pico)}, budget ${format_usd(rule.max_usd)}",
+            f"${_usd(estimate_pico)}, budget ${money(rule.max_usd)}",
         )
     return None
 
@@ -495,7 +495,7 @@ def _decimal_text(pico: int) -> str:
 
 
 def _usd(pico: int) -> str:
-    return format_usd(from_pico(pico))
+    return money(from_pico(pico))
 
 
 def _now_iso() -> str:

@@ -79,9 +79,9 @@ class Budget:
             if worst_case > self.max_usd:
                 return self.trip(
                     "max_usd",
-                    f"dollar cap reached: ${format_usd(self.spent_usd)} spent, "
-                    f"${format_usd(self.reserved_usd)} in flight, next call estimated at "
-                    f"${format_usd(estimate_usd)}, cap ${format_usd(self.max_usd)}",
+                    f"dollar cap reached: ${money(self.spent_usd)} spent, "
+                    f"${money(self.reserved_usd)} in flight, next call estimated at "
+                    f"${money(estimate_usd)}, cap ${money(self.max_usd)}",
                 )
         if self.shared is not None:
             refusal = self.shared.reserve(key, estimate_usd)
@@ -102,8 +102,8 @@ class Budget:
         if self.max_usd is not None and self.spent_usd + self.reserved_usd > self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached mid-stream: ${format_usd(self.spent_usd + self.reserved_usd)}"
-                f" of ${format_usd(self.max_usd)}",
+                f"dollar cap reached mid-stream: ${money(self.spent_usd + self.reserved_usd)}"
+                f" of ${money(self.max_usd)}",
             )
         if self.shared is not None and key in self._in_flight:
             refusal = self.shared.update_running(key, running_usd)
@@ -121,8 +121,7 @@ class Budget:
         if self.max_usd is not None and self.spent_usd >= self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached: ${format_usd(self.spent_usd)} of "
-                f"${format_usd(self.max_usd)} spent",
+                f"dollar cap reached: ${money(self.spent_usd)} of ${money(self.max_usd)} spent",
             )
         if shared_refusal is not None:
             return self.refuse(shared_refusal)
@@ -139,8 +138,8 @@ class Budget:
         return self.tripped
 
 
-def format_usd(amount: Decimal) -> str:
-    """Format dollars with cents, and more digits only where they matter, without "$"."""
+def money(amount: Decimal) -> str:
+    """Format dollars with cents, and more digits only where they matter."""
     if amount == amount.quantize(Decimal("0.01")):
         return f"{amount:.2f}"
     return f"{amount.normalize():f}"

@@ -12,12 +12,14 @@ import typer
 from rich.markup import escape
 
 from tokencap import __version__
+from tokencap.caps import money
 from tokencap.console import stderr_console
 from tokencap.errors import EXIT_INTERNAL, ConfigError, TokencapError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from tokencap.caps import Refusal
     from tokencap.runner import RunResult
 
 app = typer.Typer(
@@ -78,11 +80,11 @@ MaxUsdOption = Annotated[
     typer.Option("--max-usd", help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD"),
 ]
 MaxCallsOption = Annotated[
-    int | None,
+    str | None,
     typer.Option("--max-calls", help="Maximum number of model calls sent upstream.", metavar="N"),
 ]
 GraceOption = Annotated[
-    float | None,
+    str | None,
     typer.Option(
         "--grace",
         help="Seconds between SIGTERM and SIGKILL when stopping. Default: 2.",
@@ -102,7 +104,8 @@ FormatOption = Annotated[str, typer.Option("--format", "-f", help="table or json
 
 
 @app.command(
-    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+    # Options end at the command's name, so the command's own options are never parsed here.
+    context_settings={"allow_interspersed_args": False},
 )
 def run(
     command: Annotated[
@@ -292,7 +295,7 @@ def init(
 def report(
     db: DbOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    limit: Annotated[int, typer.Option(help="Number of sessions to show.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Number of sessions to show.")] = 50,
 ) -> None:
     """Show recorded sessions, newest first, with their calls, tokens and cost."""
     from tokencap import ledger
@@ -318,7 +321,9 @@ def report(
 @app.command()
 def demo(
     db: DbOption = None,
-    max_usd: Annotated[str, typer.Option(help="Dollar cap for the demo run.")] = "0.05",
+    max_usd: Annotated[
+        str, typer.Option(help="Dollar cap for the demo run.", metavar="USD")
+    ] = "0.05",
 ) -> None:
     """Run a small example agent against a built-in simulated provider, under a cap.
 
@@ -402,21 +407,30 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
             f"To price it, add {escape(_price_table(model))} with input_per_mtok and "
             "output_per_mtok to tokencap.toml"
         )
+    for upstream, error in sorted(result.unreachable.items()):
+        console.print(
+            f"[yellow]tokencap:[/] calls could not reach {upstream}: {error}; check the "
+            "base-URL variable tokencap was started with"
+        )
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
-            f"[bold red]tokencap:[/] stopped by {escape(result.refusal.name)}: "
-            f"${result.spent_usd} spent, {_count(result.calls, 'call')}, "
+            f"[bold red]tokencap:[/] stopped by {escape(_stop_reason(result.refusal))}; "
+            f"{_count(result.calls, 'call')} sent, "
             f"{_count(stopped, 'process', 'processes')} stopped (session {result.session_id})"
         )
-        if result.refusal.cap not in ("max_usd", "max_calls"):
-            # The session's own counts above do not say why a shared budget or policy refused.
-            console.print(f"tokencap: {escape(result.refusal.message)}")
     elif verbose:
         console.print(
-            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
+            f"tokencap: session {result.session_id} ended: ${money(result.spent_usd)} spent, "
             f"{_count(result.calls, 'call')}, exit status {result.exit_code}"
         )
+
+
+def _stop_reason(refusal: Refusal) -> str:
+    # A shared budget's message starts with its name, such as "team budget platform/day: ...".
+    if refusal.label is not None:
+        return refusal.message
+    return f"{refusal.cap}: {refusal.message}"
 
 
 def _price_table(model: str) -> str:

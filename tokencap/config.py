@@ -24,9 +24,17 @@ from typing import Any
 
 from tokencap.attribution import parse_tags
 from tokencap.budgets import WINDOWS, BudgetRule
-from tokencap.config_schema import BUDGET_KEYS, ConfigFile, Setting, Source, dotted, validate
+from tokencap.config_schema import (
+    BUDGET_KEYS,
+    MAX_GRACE_SECONDS,
+    ConfigFile,
+    Setting,
+    Source,
+    dotted,
+    validate,
+)
 from tokencap.errors import ConfigError, ConfigFileError
-from tokencap.prices import UNKNOWN_MODEL_POLICIES, PriceOverride
+from tokencap.prices import UNKNOWN_MODEL_POLICIES, PriceOverride, exact_in_pico, plain
 from tokencap.tomlkeys import KeyPath, key_lines
 
 __all__ = [
@@ -395,21 +403,25 @@ def _parse_text(name: str, text: str, origin: str) -> Any:
         return parse_usd(text, origin)
     if name == "max_calls":
         try:
-            calls = int(text)
+            calls = int(text.strip())
         except ValueError:
             raise ConfigError(
-                f"invalid {origin} {text!r}: expected a whole number of calls"
+                f"invalid {origin} {text!r}: expected a whole number, such as 50"
             ) from None
         if calls < 1:
-            raise ConfigError(f"invalid {origin} {calls}: it must be at least 1")
+            raise ConfigError(f"invalid {origin} {text!r}: it must be at least 1")
         return calls
     if name == "grace_seconds":
         try:
-            seconds = Decimal(text)
+            seconds = Decimal(text.strip())
         except InvalidOperation:
-            raise ConfigError(f"invalid {origin} {text!r}: expected seconds, such as 2") from None
-        if not seconds.is_finite() or seconds < 0:
-            raise ConfigError(f"invalid {origin} {text}: it must be 0 or more")
+            raise ConfigError(
+                f"invalid {origin} {text!r}: expected seconds, such as 2 or 0.5"
+            ) from None
+        if not seconds.is_finite() or not 0 <= seconds <= MAX_GRACE_SECONDS:
+            raise ConfigError(
+                f"invalid {origin} {text!r}: expected seconds from 0 to {MAX_GRACE_SECONDS}"
+            )
         return seconds
     if name == "tags":
         return parse_tags([part for part in text.split(",") if part.strip()], origin)
@@ -434,6 +446,12 @@ def parse_usd(text: str, origin: str = "--max-usd") -> Decimal:
         raise ConfigError(
             f"invalid {origin} {text!r}: expected dollars, such as 5 or 0.50"
         ) from None
-    if not amount.is_finite() or amount <= 0:
+    if not amount.is_finite():
+        raise ConfigError(f"invalid {origin} {text!r}: expected a finite amount, such as 5")
+    if amount <= 0:
         raise ConfigError(f"invalid {origin} {text!r}: the cap must be more than 0")
-    return amount
+    if not exact_in_pico(amount):
+        raise ConfigError(
+            f"invalid {origin} {text!r}: tokencap counts in picodollars, 12 decimal places"
+        )
+    return plain(amount)

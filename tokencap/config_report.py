@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tokencap import attribution, budgets
-from tokencap.caps import format_usd
+from tokencap.caps import money
 from tokencap.config import Flags, RunSettings, Setting, dotted, load_settings
 
 # Defaults that a run computes when no layer sets these settings.
@@ -176,11 +176,11 @@ def print_budget_status(console: Console, rows: list[dict[str, Any]]) -> None:
     table.add_column("in flight", justify="right")
     table.add_column("remaining", justify="right")
     for row in rows:
-        spent = f"${format_usd(Decimal(row['spent_usd']))}"
-        in_flight = f"${format_usd(Decimal(row['in_flight_usd']))}"
+        spent = f"${money(Decimal(row['spent_usd']))}"
+        in_flight = f"${money(Decimal(row['in_flight_usd']))}"
         remaining = []
         if row["remaining_usd"] is not None:
-            remaining.append(f"${format_usd(Decimal(row['remaining_usd']))}")
+            remaining.append(f"${money(Decimal(row['remaining_usd']))}")
         if row["max_calls"] is not None:
             spent += f", {row['calls']} calls"
             in_flight += f", {row['in_flight_calls']} calls"
@@ -209,7 +209,7 @@ def _shown(value: Any) -> str:
 def _limits(max_usd: str | None, max_calls: int | None) -> str:
     parts = []
     if max_usd is not None:
-        parts.append(f"${format_usd(Decimal(max_usd))}")
+        parts.append(f"${money(Decimal(max_usd))}")
     if max_calls is not None:
         parts.append(f"{max_calls} calls")
     return ", ".join(parts)

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from tokencap.budgets import WINDOWS
-from tokencap.prices import UNKNOWN_MODEL_POLICIES, PriceOverride
+from tokencap.prices import UNKNOWN_MODEL_POLICIES, PriceOverride, exact_in_pico, plain
 from tokencap.providers import BY_NAME as PROVIDERS
 from tokencap.tomlkeys import KeyPath
+
+# A grace period longer than this would leave a stopped agent running for too long to be a cap.
+MAX_GRACE_SECONDS = 300
 
 # --- Values and where they came from -------------------------------------------------------
 
@@ -195,7 +198,9 @@ def _usd_cap(value: Any) -> Decimal:
             f"a dollar cap must be more than 0, got {amount}; set it such as 5 or 0.50, "
             "or remove the key for no cap"
         )
-    return amount
+    if not exact_in_pico(amount):
+        raise _Invalid(f"got {amount}, but tokencap counts in picodollars, 12 decimal places")
+    return plain(amount)
 
 
 def _call_cap(value: Any) -> int:
@@ -208,8 +213,8 @@ def _call_cap(value: Any) -> int:
 
 def _seconds(value: Any) -> Decimal:
     seconds = _number(value)
-    if seconds < 0:
-        raise _Invalid(f"expected 0 seconds or more, got {seconds}")
+    if not 0 <= seconds <= MAX_GRACE_SECONDS:
+        raise _Invalid(f"expected seconds from 0 to {MAX_GRACE_SECONDS}, got {seconds}")
     return seconds
 
 

@@ -60,6 +60,16 @@ def quantize(amount: Decimal) -> Decimal:
     return amount.quantize(PICO, rounding=ROUND_HALF_UP)
 
 
+def exact_in_pico(amount: Decimal) -> bool:
+    """Return whether `amount` has at most 12 decimal places, so picodollars hold it exactly."""
+    return amount.normalize().as_tuple().exponent >= -12
+
+
+def plain(amount: Decimal) -> Decimal:
+    """Return `amount` in plain notation, so that 1E+3 prints as 1000 and 0.50 as 0.5."""
+    return Decimal(format(amount.normalize(), "f"))
+
+
 def to_pico(amount: Decimal) -> int:
     """Convert dollars to integer picodollars."""
     return int(quantize(amount) / PICO)

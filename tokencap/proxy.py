@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from mitmproxy import ctx, http, options
-from mitmproxy.tools.dump import DumpMaster
+from mitmproxy import ctx, http, master, options
+from mitmproxy.addons import core, next_layer, proxyauth, proxyserver, tlsconfig, upstream_auth
 
 from tokencap import providers
 from tokencap.caps import Budget, Refusal
@@ -76,6 +76,8 @@ class Session:
     on_trip: Callable[[Refusal], None]
     secret: str = field(default_factory=lambda: "tc-" + secrets.token_urlsafe(18))
     seq: int = 0
+    # Upstream URL -> the last connection error, for upstreams that could not be reached.
+    unreachable: dict[str, str] = field(default_factory=dict)
 
 
 class MeterAddon:
@@ -348,6 +350,8 @@ class MeterAddon:
         elif flow.response is None and flow.server_conn and not flow.server_conn.timestamp_start:
             # The upstream was never reached, so nothing can have been billed.
             usage, estimated = Usage(), False
+            upstream = self.session.upstreams[call.provider].url
+            self.session.unreachable[upstream] = values["error"] or "connection failed"
         else:
             usage, estimated = _fallback_usage(call), True
         values["status"] = "cut" if call.cut else "dropped"
@@ -498,7 +502,7 @@ class Proxy:
         self.session = session
         self.addon = MeterAddon(session)
         self._confdir = confdir
-        self._master: DumpMaster | None = None
+        self._master: master.Master | None = None
         self._runner: asyncio.Task | None = None
         self.port = 0
 
@@ -511,18 +515,28 @@ class Proxy:
             mode=["reverse:http://127.0.0.1:9"],
             confdir=self._confdir,
         )
-        master = DumpMaster(opts, with_termlog=False, with_dumper=False)
-        master.addons.add(self.addon)
-        master.options.update(
+        # Only the addons a proxy needs: mitmproxy runs every hook through every addon, so its
+        # default set of about thirty costs several milliseconds per request.
+        proxy_master = master.Master(opts, with_termlog=False)
+        proxy_master.addons.add(
+            core.Core(),
+            proxyauth.ProxyAuth(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            upstream_auth.UpstreamAuth(),
+            self.addon,
+        )
+        proxy_master.options.update(
             # Reverse mode rewrites the Host header to the target unless told not to; the addon
             # sets it per upstream instead.
             keep_host_header=True,
             connection_strategy="lazy",
             ssl_insecure=False,
         )
-        self._master = master
-        self._runner = asyncio.create_task(master.run())
-        server = master.addons.get("proxyserver")
+        self._master = proxy_master
+        self._runner = asyncio.create_task(proxy_master.run())
+        server = proxy_master.addons.get("proxyserver")
         deadline = time.monotonic() + 10
         while not (server.is_running and server.listen_addrs()):
             if self._runner.done():

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -59,6 +62,7 @@ class RunResult:
     refusal: Refusal | None
     stop: StopResult | None
     unknown_models: set[tuple[str, str]]
+    unreachable: dict[str, str]
 
 
 def run(options: RunOptions) -> RunResult:
@@ -90,6 +94,7 @@ def run(options: RunOptions) -> RunResult:
     )
     budget = Budget(max_usd=options.max_usd, max_calls=options.max_calls)
     pricer = Pricer(options.prices, options.unknown_model)
+    unreachable: dict[str, str] = {}
     rules = applicable(options.budget_rules, task=options.task, team=options.team, user=user)
     shared = None
     try:
@@ -108,7 +113,7 @@ def run(options: RunOptions) -> RunResult:
             budget.shared = shared
             become_subreaper()
             exit_code, stop = asyncio.run(
-                _supervise(options, env, session_id, ledger, budget, pricer, upstreams)
+                _supervise(options, env, session_id, ledger, budget, pricer, upstreams, unreachable)
             )
     except BaseException:
         ledger.end_session(session_id, status="failed", end_reason="tokencap_error")
@@ -139,6 +144,7 @@ def run(options: RunOptions) -> RunResult:
         refusal=budget.tripped,
         stop=stop,
         unknown_models=pricer.unknown_models,
+        unreachable=unreachable,
     )
 
 
@@ -150,6 +156,7 @@ async def _supervise(
     budget: Budget,
     pricer: Pricer,
     upstreams: dict[str, providers.Upstream],
+    unreachable: dict[str, str],
 ) -> tuple[int, StopResult | None]:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -163,36 +170,66 @@ async def _supervise(
             proxy.addon.cut_all_streams()
             stop_requested.set()
 
-    session = Session(session_id, ledger, budget, pricer, upstreams, on_trip)
-    confdir = data_dir() / "mitmproxy"
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    proxy = Proxy(session, str(confdir))
-    await proxy.start()
-    logger.info("proxy for session %s listening on 127.0.0.1:%d", session_id, proxy.port)
+    session = Session(
+        session_id, ledger, budget, pricer, upstreams, on_trip, unreachable=unreachable
+    )
+    with _mitmproxy_confdir() as confdir:
+        proxy = Proxy(session, confdir)
+        await proxy.start()
+        logger.info("proxy for session %s listening on 127.0.0.1:%d", session_id, proxy.port)
+        try:
+            child = Child.spawn(options.argv, child_environment(env, proxy, session_id))
+            stopping_tree = False
 
-    try:
-        child = Child.spawn(options.argv, child_environment(env, proxy, session_id))
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, child.send_signal, sig)
-        waiting = asyncio.create_task(child.wait())
-        stopping = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            def on_signal(sig: signal.Signals) -> None:
+                # A second SIGINT or SIGTERM while the tree is being stopped skips the grace.
+                if stopping_tree and sig in (signal.SIGINT, signal.SIGTERM):
+                    logger.info("received %s while stopping: killing the tree now", sig.name)
+                    child.kill_tree()
+                else:
+                    child.send_signal(sig)
 
-        stop = None
-        if stop_requested.is_set():
-            stop = await child.stop_tree(options.grace)
-        returncode = await waiting
-        stopping.cancel()
-        if stop is None and child.tree():
-            # The agent exited but left processes behind; they would call models unmetered
-            # once the proxy is gone, so they end with the run.
-            logger.info("stopping %d processes the agent left behind", len(child.tree()))
-            stop = await child.stop_tree(options.grace)
-    finally:
-        for sig in FORWARDED_SIGNALS:
-            loop.remove_signal_handler(sig)
-        await proxy.stop()
+            for sig in FORWARDED_SIGNALS:
+                loop.add_signal_handler(sig, on_signal, sig)
+            waiting = asyncio.create_task(child.wait())
+            stopping = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+
+            stop = None
+            if stop_requested.is_set():
+                stopping_tree = True
+                stop = await child.stop_tree(options.grace)
+            returncode = await waiting
+            stopping.cancel()
+            if stop is None and child.tree():
+                # The agent exited but left processes behind; they would call models unmetered
+                # once the proxy is gone, so they end with the run.
+                logger.info("stopping %d processes the agent left behind", len(child.tree()))
+                stopping_tree = True
+                stop = await child.stop_tree(options.grace)
+        finally:
+            for sig in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(sig)
+            await proxy.stop()
     return _exit_code(returncode), stop
+
+
+@contextlib.contextmanager
+def _mitmproxy_confdir() -> Iterator[str]:
+    """Yield mitmproxy's configuration directory: in the data directory, else a temporary one.
+
+    mitmproxy writes its CA there on first start. When the data directory is not writable,
+    a directory that lives only as long as the run keeps tokencap working.
+    """
+    confdir = data_dir() / "mitmproxy"
+    try:
+        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        logger.warning("cannot create %s (%s); using a temporary directory", confdir, exc)
+        with tempfile.TemporaryDirectory(prefix="tokencap-mitmproxy-") as temporary:
+            yield temporary
+        return
+    yield str(confdir)
 
 
 def child_environment(env: dict[str, str], proxy: Proxy, session_id: str) -> dict[str, str]:
@@ -223,18 +260,30 @@ def _recorded_spend(ledger: Ledger, session_id: str) -> Decimal:
     return from_pico(row[0])
 
 
-def log_to_file(verbose: bool) -> Path:
-    """Send tokencap's and mitmproxy's logs to a file; with `verbose`, to stderr as well."""
-    log_dir = data_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / "tokencap.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    )
+def log_to_file(verbose: bool) -> Path | None:
+    """Send tokencap's and mitmproxy's logs to a file; with `verbose`, to stderr as well.
+
+    Returns the log file, or None when it cannot be written; the run goes on without it.
+    """
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    root.addHandler(handler)
+    path: Path | None = data_dir() / "logs" / "tokencap.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        from tokencap.console import stderr_console
+
+        stderr_console().print(
+            f"[yellow]tokencap:[/] cannot write the log file {path}: {exc.strerror or exc}; "
+            "running without it (set XDG_DATA_HOME to a writable directory)"
+        )
+        path = None
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+        )
+        root.addHandler(handler)
     if verbose:
         from rich.logging import RichHandler
 
