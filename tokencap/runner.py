@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from tokencap import __version__, attribution, providers
+from tokencap import __version__, agents, attribution, certs, providers, routing
+from tokencap.agents import AgentProfile
 from tokencap.caps import Budget, Refusal
-from tokencap.errors import EXIT_CAPPED
+from tokencap.environment import child_environment
+from tokencap.errors import EXIT_CAPPED, ConfigError
 from tokencap.ledger import Ledger, data_dir
+from tokencap.meter import Session
 from tokencap.prices import Pricer, from_pico
-from tokencap.proxy import Proxy, Session
+from tokencap.proxy import Proxy
 from tokencap.supervisor import Child, StopResult, become_subreaper, resolve_executable
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ class RunOptions:
     max_usd: Decimal | None = None
     max_calls: int | None = None
     grace: float = 2.0
+    # Agent profile by name; None picks it from the command.
+    profile: str | None = None
+    # Host patterns the HTTPS proxy intercepts besides the providers' own, such as
+    # "llm-gateway.example.com" or "*.inference.example.com".
+    intercept_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,14 +59,21 @@ class RunResult:
     refusal: Refusal | None
     stop: StopResult | None
     unknown_models: set[tuple[str, str]]
+    profile: str = "generic"
+    # Model-API traffic that reached upstream without being metered, one line each.
+    unmetered: list[str] = field(default_factory=list)
 
 
 def run(options: RunOptions) -> RunResult:
     """Run the agent under the caps and return how it ended."""
     env = dict(os.environ)
     upstreams = providers.upstreams_from_env(env)
+    chain = routing.chain_from_env(env)
+    profile = _profile(options)
+    extra_hosts = intercept_patterns(options.intercept_hosts, env)
     # Check the command before recording a session, so a typo leaves no trace in the ledger.
     resolve_executable(options.argv[0], env, None)
+    trust = certs.prepare(data_dir() / "ca", env)
     ledger = Ledger(options.db_path)
     session_id = attribution.new_session_id()
     ledger.start_session(
@@ -83,9 +98,18 @@ def run(options: RunOptions) -> RunResult:
     pricer = Pricer()
     try:
         become_subreaper()
-        exit_code, stop = asyncio.run(
-            _supervise(options, env, session_id, ledger, budget, pricer, upstreams)
+        session = Session(
+            session_id,
+            ledger,
+            budget,
+            pricer,
+            upstreams,
+            on_trip=lambda refusal: None,
+            profile=profile,
+            overrides=providers.overrides_from_env(env),
+            extra_hosts=extra_hosts,
         )
+        exit_code, stop, unmetered = asyncio.run(_supervise(options, env, session, trust, chain))
     except BaseException:
         ledger.end_session(session_id, status="failed", end_reason="tokencap_error")
         raise
@@ -112,36 +136,49 @@ def run(options: RunOptions) -> RunResult:
         refusal=budget.tripped,
         stop=stop,
         unknown_models=pricer.unknown_models,
+        profile=profile.name,
+        unmetered=unmetered,
     )
 
 
 async def _supervise(
     options: RunOptions,
     env: dict[str, str],
-    session_id: str,
-    ledger: Ledger,
-    budget: Budget,
-    pricer: Pricer,
-    upstreams: dict[str, providers.Upstream],
-) -> tuple[int, StopResult | None]:
+    session: Session,
+    trust: certs.Trust,
+    chain: routing.Chain | None,
+) -> tuple[int, StopResult | None, list[str]]:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
     def on_trip(refusal: Refusal) -> None:
         if not stop_requested.is_set():
-            logger.info("session %s stopped: %s", session_id, refusal.message)
+            logger.info("session %s stopped: %s", session.session_id, refusal.message)
             proxy.addon.cut_all_streams()
             stop_requested.set()
 
-    session = Session(session_id, ledger, budget, pricer, upstreams, on_trip)
-    confdir = data_dir() / "mitmproxy"
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    proxy = Proxy(session, str(confdir))
+    session.on_trip = on_trip
+    proxy = Proxy(session, str(trust.ca_dir), str(trust.upstream_bundle), chain)
     await proxy.start()
-    logger.info("proxy for session %s listening on 127.0.0.1:%d", session_id, proxy.port)
+    logger.info(
+        "session %s: base-URL route on 127.0.0.1:%d, HTTPS proxy on 127.0.0.1:%d, profile %s",
+        session.session_id,
+        proxy.port,
+        proxy.proxy_port,
+        session.profile.name,
+    )
 
     try:
-        child = Child.spawn(options.argv, child_environment(env, proxy, session_id))
+        child_env = child_environment(
+            env,
+            session_id=session.session_id,
+            profile=session.profile,
+            base_urls={p.name: proxy.base_url(p.name) for p in providers.PROVIDERS},
+            proxy_url=proxy.proxy_url,
+            trust=trust,
+            extra_hosts=session.extra_hosts,
+        )
+        child = Child.spawn(options.argv, child_env)
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, child.send_signal, sig)
         waiting = asyncio.create_task(child.wait())
@@ -162,23 +199,41 @@ async def _supervise(
         for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
         await proxy.stop()
-    return _exit_code(returncode), stop
+    unmetered = proxy.addon.escapes.lines()
+    for line in unmetered:
+        logger.warning("unmetered model traffic: %s", line)
+    return _exit_code(returncode), stop, unmetered
 
 
-def child_environment(env: dict[str, str], proxy: Proxy, session_id: str) -> dict[str, str]:
-    """Return the agent's environment: base URLs point at the proxy, the session id is set."""
-    child = dict(env)
-    for provider in providers.PROVIDERS:
-        child[provider.env_var] = proxy.base_url(provider.name)
-    child["TOKENCAP_SESSION_ID"] = session_id
-    # A corporate proxy in HTTP(S)_PROXY must not capture the calls to tokencap itself.
-    for name in ("NO_PROXY", "no_proxy"):
-        entries = [e for e in child.get(name, "").split(",") if e.strip()]
-        for local in ("127.0.0.1", "localhost"):
-            if local not in entries:
-                entries.append(local)
-        child[name] = ",".join(entries)
-    return child
+def _profile(options: RunOptions) -> AgentProfile:
+    try:
+        return agents.profile_for(options.argv, options.profile)
+    except KeyError:
+        names = ", ".join(sorted(agents.BY_NAME))
+        raise ConfigError(
+            f"unknown agent profile {options.profile!r}; use one of {names}"
+        ) from None
+
+
+def intercept_patterns(patterns: tuple[str, ...], env: dict[str, str]) -> tuple[str, ...]:
+    """Validate configured host patterns, and add the hosts of https upstream overrides.
+
+    A gateway named in ANTHROPIC_BASE_URL or OPENAI_BASE_URL is intercepted too, so an agent
+    that reads its own configuration instead of the variable is still metered there.
+    """
+    result = []
+    for pattern in patterns:
+        host = pattern.strip().lower()
+        if not host or "/" in host or ":" in host or " " in host:
+            raise ConfigError(
+                f"invalid intercepted host {pattern!r}: give a host name such as "
+                "llm.example.com or a wildcard such as *.example.com, without scheme or port"
+            )
+        result.append(host)
+    for upstream in providers.overrides_from_env(env).values():
+        if upstream.scheme == "https" and not routing.is_loopback(upstream.host):
+            result.append(upstream.host.lower())
+    return tuple(dict.fromkeys(result))
 
 
 def _exit_code(returncode: int) -> int:
