@@ -146,3 +146,28 @@ def _program_names(argv: list[str]) -> list[str]:
         if base not in _LAUNCHERS and stripped not in _LAUNCHERS and not arg.startswith("-"):
             break
     return names
+
+
+def listing() -> list[dict]:
+    """Return every profile as plain data, for `tokencap agents`."""
+    from tokencap import providers
+
+    result = []
+    for profile in (*PROFILES, GENERIC):
+        variables = [p.env_var for p in providers.PROVIDERS if p.name not in profile.keep_base_url]
+        if profile.refusal_status:
+            refusal = str(profile.refusal_status)
+        else:
+            refusal = "429 + x-should-retry: false; Gemini 403"
+        result.append(
+            {
+                "name": profile.name,
+                "commands": list(profile.commands),
+                "summary": profile.summary,
+                "base_url_variables": variables,
+                "https_proxy": True,
+                "refusal": refusal,
+                "notes": list(profile.notes),
+            }
+        )
+    return result
