@@ -60,10 +60,18 @@ def received(record) -> dict:
     }
 
 
-def run_direct(tokencap_env, tmp_path, command: list[str]) -> None:
-    """Run the agent without tokencap, against the fake upstream the environment names."""
+def direct_and_wrapped(upstream, tokencap_env, run_tokencap, tmp_path, command: list[str]):
+    """Run the agent without tokencap, then under it; return both upstream records."""
     env = tokencap_env | {"AGENT_OUT": str(tmp_path / "direct.jsonl")}
     subprocess.run(command, env=env, check=True, timeout=60, capture_output=True)
+    (direct,) = upstream.inference_requests()
+    upstream.clear()
+
+    run = run_tokencap([], command)
+
+    assert run.exit_code == 0, run.stderr
+    (wrapped,) = upstream.inference_requests()
+    return direct, wrapped
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -71,13 +79,8 @@ def test_sdk_requests_unchanged(case, upstream, tokencap_env, run_tokencap, tmp_
     upstream.default = Behavior(events=3)
     command = [sys.executable, str(SDK_AGENT), "--out", str(tmp_path / "o.jsonl"), *CASES[case]]
 
-    run_direct(tokencap_env, tmp_path, command)
-    (direct,) = upstream.inference_requests()
-    upstream.clear()
-    run = run_tokencap([], command)
+    direct, wrapped = direct_and_wrapped(upstream, tokencap_env, run_tokencap, tmp_path, command)
 
-    assert run.exit_code == 0, run.stderr
-    (wrapped,) = upstream.inference_requests()
     assert received(wrapped) == received(direct)
 
 
@@ -94,13 +97,8 @@ def test_chat_stream_without_usage_differs_only_in_stream_options(
         "--stream",
     ]
 
-    run_direct(tokencap_env, tmp_path, command)
-    (direct,) = upstream.inference_requests()
-    upstream.clear()
-    run = run_tokencap([], command)
+    direct, wrapped = direct_and_wrapped(upstream, tokencap_env, run_tokencap, tmp_path, command)
 
-    assert run.exit_code == 0, run.stderr
-    (wrapped,) = upstream.inference_requests()
     assert wrapped.body == {**direct.body, "stream_options": {"include_usage": True}}
     direct_view, wrapped_view = received(direct), received(wrapped)
     del direct_view["body"], wrapped_view["body"]

@@ -22,7 +22,7 @@ _LAUNCHERS = frozenset({"npx", "bunx", "pnpx", "uvx", "pipx", "node", "bun", "de
 
 @dataclass(frozen=True)
 class AgentProfile:
-    """How tokencap wraps one agent."""
+    """The routing and refusal settings tokencap applies to one agent."""
 
     name: str
     commands: tuple[str, ...]

@@ -58,7 +58,7 @@ CA_FILE_VARIABLES = (
 
 CA_DIR_VARIABLE = "SSL_CERT_DIR"
 
-# Where Linux distributions keep the system bundle, after OpenSSL's own compiled-in default.
+# System bundle paths of Linux distributions, tried after OpenSSL's own compiled-in default.
 _SYSTEM_BUNDLES = (
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/pki/tls/certs/ca-bundle.crt",

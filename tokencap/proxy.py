@@ -567,6 +567,7 @@ def _decoder(encoding: str) -> Any:
 # --- Starting and stopping ------------------------------------------------------------------
 
 # Seconds between injecting a WebSocket error event and closing the socket.
+# NOTE: chosen by hand; on a loaded machine the close could still overtake the event.
 SOCKET_CLOSE_DELAY = 0.1
 
 

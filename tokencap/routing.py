@@ -1,4 +1,4 @@
-"""Where a request goes: its provider, its upstream, and the corporate proxy on the way there.
+"""Request routing: the provider, the upstream, and the user's own proxy on the way there.
 
 tokencap receives an agent's calls on two listeners. The base-URL route is a reverse proxy
 whose paths begin with the run's secret and a provider name. The HTTPS proxy is a regular
