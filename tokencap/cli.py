@@ -245,6 +245,43 @@ def simulate(
             console.print(f"Simulated provider stopped after {simulator.inference_requests} calls.")
 
 
+@app.command()
+def agents(
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """List the agent profiles: how tokencap meters each known agent without changing it.
+
+    The profile is picked from the command's name; any other command gets the generic one.
+    """
+    from tokencap import agents as agents_module
+
+    if output_format not in ("table", "json"):
+        stderr_console().print(
+            f"[bold red]tokencap:[/] invalid --format {output_format!r}: use table or json"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    profiles = agents_module.listing()
+    if output_format == "json":
+        import json
+
+        sys.stdout.write(json.dumps({"profiles": profiles}, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    width = None if sys.stdout.isatty() else 200
+    table = Table("profile", "commands", "base URLs set", "refusal", "summary")
+    for profile in profiles:
+        table.add_row(
+            profile["name"],
+            ", ".join(profile["commands"]) or "(any other)",
+            ", ".join(profile["base_url_variables"]) or "(none)",
+            profile["refusal"],
+            profile["summary"],
+        )
+    Console(width=width).print(table)
+
+
 def print_run_result(result: RunResult, verbose: bool = False) -> None:
     """Print the end of a run on stderr: the cap line, unknown prices, or with verbose a summary."""
     console = stderr_console()
@@ -258,6 +295,13 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
             f"[yellow]tokencap:[/] calls could not reach {upstream}: {error}; check the "
             "base-URL variable tokencap was started with"
         )
+    if result.unmetered:
+        console.print(
+            "[yellow]tokencap:[/] model-API traffic reached upstream without being metered; "
+            "add its hosts to the intercepted hosts if it should count:"
+        )
+        for line in result.unmetered:
+            console.print(f"  {line}")
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
