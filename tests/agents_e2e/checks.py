@@ -119,10 +119,17 @@ def recorded_spend(run: AgentRun) -> Decimal:
     return sum((Decimal(row["cost_usd"] or "0") for row in run.calls()), Decimal(0))
 
 
+def assert_stayed_local(run: AgentRun) -> None:
+    """Check that no process outlived the run and nothing it started looked up a host name,
+    which is how an update check or telemetry would begin."""
+    assert run.survivors == {}, f"processes outlived tokencap: {run.survivors}"
+    assert run.lookups == [], f"host names looked up: {sorted(set(run.lookups))}"
+
+
 def assert_stopped_cleanly(run: AgentRun, cap: str) -> None:
     """Check that a cap stopped the run: exit 86, the session names the cap, nothing survived."""
     assert run.exit_code == 86, run.describe()
-    assert run.survivors == {}, f"processes survived the stop: {run.survivors}"
+    assert_stayed_local(run)
     session = run.session()
     assert session["status"] == "capped"
     assert session["end_reason"] == cap

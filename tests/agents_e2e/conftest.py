@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.agents_e2e import install
-from tests.agents_e2e.sandbox import NamespaceUnavailable, Sandbox, kill_all_in, private_network
+from tests.agents_e2e.sandbox import (
+    LookupRecorder,
+    NamespaceUnavailable,
+    Sandbox,
+    kill_all_in,
+    private_network,
+)
 from tests.fakeupstream import FakeUpstream
 
 
@@ -43,5 +49,9 @@ def namespace() -> Iterator[tuple[int, int]]:
 @pytest.fixture
 def sandbox(tmp_path: Path, clis: install.Clis, namespace: tuple[int, int]) -> Iterator[Sandbox]:
     """Yield a fake upstream inside the test's namespace, a fresh home and a ledger path."""
-    with FakeUpstream() as upstream:
-        yield Sandbox(tmp_path, upstream, namespace, [clis.npm_bin, clis.aider_bin])
+    lookups = LookupRecorder()
+    try:
+        with FakeUpstream() as upstream:
+            yield Sandbox(tmp_path, upstream, namespace, lookups, [clis.npm_bin, clis.aider_bin])
+    finally:
+        lookups.close()

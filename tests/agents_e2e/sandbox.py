@@ -9,6 +9,11 @@ the namespace they were created in, so the thread can return to the old one at t
 
 The namespace also names the processes of one test exactly: after `tokencap run` exits, any
 process still in it (other than the test runner) is one the agent left behind.
+
+`tokencap run` itself starts in a mount namespace of its own where `/etc/resolv.conf` names a
+`LookupRecorder` on 127.0.0.1:53. It records every name the CLI looks up and answers that the
+name does not exist, so a test sees any attempt to reach the outside, such as an update check
+or telemetry, even though the attempt could not have succeeded.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sqlite3
+import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -114,6 +122,67 @@ def kill_all_in(namespace: tuple[int, int], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+class LookupRecorder:
+    """A DNS server on 127.0.0.1:53 that records each name looked up and answers NXDOMAIN.
+
+    Create it inside the namespace. It serves UDP only: every resolver tries UDP first, and
+    with an NXDOMAIN answer none retries over TCP.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._socket.bind(("127.0.0.1", 53))
+        self._socket.settimeout(0.1)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="lookup-recorder", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._socket.close()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                query, client = self._socket.recvfrom(4096)
+            except TimeoutError:
+                continue
+            parsed = _parse_query(query)
+            if parsed is None:
+                continue
+            name, question_end = parsed
+            self.names.append(name)
+            self._socket.sendto(_nxdomain(query, question_end), client)
+
+
+def _parse_query(query: bytes) -> tuple[str, int] | None:
+    """Return the first question's name and where the question ends, or None if malformed."""
+    if len(query) < 12:
+        return None
+    labels = []
+    position = 12
+    while position < len(query) and query[position] != 0:
+        length = query[position]
+        labels.append(query[position + 1 : position + 1 + length].decode(errors="replace"))
+        position += 1 + length
+    # The terminating zero, then QTYPE and QCLASS.
+    question_end = position + 5
+    if question_end > len(query):
+        return None
+    return ".".join(labels), question_end
+
+
+def _nxdomain(query: bytes, question_end: int) -> bytes:
+    """Return the answer "no such name" to a query, echoing its id and question."""
+    (query_id, flags) = struct.unpack("!HH", query[:4])
+    # QR set, opcode and RD kept from the query, RA set, RCODE 3 (NXDOMAIN).
+    answer_flags = 0x8000 | (flags & 0x7900) | 0x0080 | 3
+    header = struct.pack("!HHHHHH", query_id, answer_flags, 1, 0, 0, 0)
+    return header + query[12:question_end]
+
+
 @dataclass
 class AgentRun:
     """One `tokencap run` of an agent CLI: its exit, output, ledger and what it left behind."""
@@ -122,6 +191,8 @@ class AgentRun:
     db: Path
     # Processes still in the test's namespace right after tokencap exited.
     survivors: dict[int, str]
+    # Names looked up by anything the run started, in order.
+    lookups: list[str]
 
     @property
     def exit_code(self) -> int:
@@ -164,6 +235,7 @@ class Sandbox:
     root: Path
     upstream: FakeUpstream
     namespace: tuple[int, int]
+    lookups: LookupRecorder
     # The CLIs' bin directories, put first on PATH.
     bin_dirs: list[Path] = field(default_factory=list)
 
@@ -174,6 +246,8 @@ class Sandbox:
         self.db = self.root / "ledger.db"
         for directory in (self.home, self.workdir, self.tmp):
             directory.mkdir(parents=True, exist_ok=True)
+        self.resolv_conf = self.root / "resolv.conf"
+        self.resolv_conf.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """Return a clean environment: nothing of the test runner's leaks into the agent."""
@@ -206,9 +280,13 @@ class Sandbox:
         """Run `tokencap run OPTIONS -- COMMAND` in the work directory and wait for it."""
         full_env = self.environment(env)
         full_env["TOKENCAP_E2E_RUN"] = uuid.uuid4().hex
+        # A mount namespace of its own lets the run see the recorder as its DNS server.
+        use_recorder = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", use_recorder]
+        lookups_before = len(self.lookups.names)
         try:
             process = subprocess.run(
-                [str(TOKENCAP), "run", *options, "--", *command],
+                [*wrapper, str(self.resolv_conf), str(TOKENCAP), "run", *options, "--", *command],
                 env=full_env,
                 cwd=self.workdir,
                 capture_output=True,
@@ -224,7 +302,8 @@ class Sandbox:
                 f"processes left: {left}\n--- stdout ---\n{_text(exc.stdout)[-4000:]}\n"
                 f"--- stderr ---\n{_text(exc.stderr)[-4000:]}"
             ) from None
-        return AgentRun(process, self.db, processes_in(self.namespace))
+        survivors = processes_in(self.namespace)
+        return AgentRun(process, self.db, survivors, self.lookups.names[lookups_before:])
 
 
 def _text(data: bytes | str | None) -> str:

@@ -16,6 +16,7 @@ from tests.agents_e2e.checks import (
     assert_metered_exactly,
     assert_refused_at_first_call_over,
     assert_retry_of_dropped_call_refused,
+    assert_stayed_local,
     assert_stopped_cleanly,
     assert_third_call_refused,
     recorded_spend,
@@ -37,6 +38,8 @@ QUIET = [
     "--no-pretty",
     "--no-fancy-input",
 ]
+# litellm downloads its model list from GitHub when it is imported, unless told not to.
+QUIET_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True"}
 # Model facts that aider would otherwise download from GitHub at start-up.
 METADATA = {
     "anthropic/claude-sonnet-4-5": {
@@ -46,6 +49,15 @@ METADATA = {
         "max_output_tokens": 64_000,
         "input_cost_per_token": 3e-06,
         "output_cost_per_token": 1.5e-05,
+    },
+    # aider's weak model for gpt-5-mini, looked up at start although this suite never calls it.
+    "openai/gpt-5-nano": {
+        "litellm_provider": "openai",
+        "mode": "chat",
+        "max_input_tokens": 400_000,
+        "max_output_tokens": 128_000,
+        "input_cost_per_token": 5e-08,
+        "output_cost_per_token": 4e-07,
     },
     "openai/gpt-5-mini": {
         "litellm_provider": "openai",
@@ -76,7 +88,7 @@ def aider(
         message,
         *flags,
     ]
-    env = {"ANTHROPIC_API_KEY": "test-key", "OPENAI_API_KEY": "test-key"}
+    env = {"ANTHROPIC_API_KEY": "test-key", "OPENAI_API_KEY": "test-key", **QUIET_ENV}
     return sandbox.run(options, command, env=env)
 
 
@@ -112,7 +124,7 @@ def test_one_turn_exact(sandbox, model, path, expected):
     assert served.path == path
     assert served.stream
     assert recorded_spend(run) == expected
-    assert run.survivors == {}
+    assert_stayed_local(run)
 
 
 def test_edit_test_loop_every_call(sandbox):
@@ -129,6 +141,7 @@ def test_edit_test_loop_every_call(sandbox):
     # The second call carries the failed test run back to the model.
     assert TEST_COMMAND in json.dumps(second.body["messages"])
     assert {row["agent_prompt_id"] for row in run.calls()} == {None}
+    assert_stayed_local(run)
 
 
 def test_max_calls_stops_third_call(sandbox):

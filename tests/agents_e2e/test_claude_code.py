@@ -16,6 +16,7 @@ from tests.agents_e2e.checks import (
     assert_metered_exactly,
     assert_refused_at_first_call_over,
     assert_retry_of_dropped_call_refused,
+    assert_stayed_local,
     assert_stopped_cleanly,
     assert_third_call_refused,
     list_price_cost,
@@ -72,7 +73,7 @@ def test_one_turn_exact(sandbox):
     # Claude Code prices the call itself; its total agrees with the ledger.
     assert Decimal(str(result["total_cost_usd"])) == recorded_spend(run) == Decimal("0.003075")
     assert run.session()["status"] == "completed"
-    assert run.survivors == {}
+    assert_stayed_local(run)
 
 
 def test_tool_loop_one_prompt_id(sandbox):
@@ -92,6 +93,7 @@ def test_tool_loop_one_prompt_id(sandbox):
     prompt_ids = {row["agent_prompt_id"] for row in run.calls()}
     assert prompt_ids == {first.body["metadata"]["user_id"]}
     assert session_id in prompt_ids.pop()
+    assert_stayed_local(run)
 
 
 def test_two_prompts_two_prompt_ids(sandbox):
@@ -117,6 +119,7 @@ def test_two_prompts_two_prompt_ids(sandbox):
     assert len(sessions) == 2
     assert sessions[0] in fan_out[0]["agent_prompt_id"]
     assert sessions[1] in fan_out[1]["agent_prompt_id"]
+    assert_stayed_local(run)
 
 
 def test_max_calls_stops_third_call(sandbox):

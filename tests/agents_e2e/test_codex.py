@@ -16,6 +16,7 @@ from tests.agents_e2e.checks import (
     assert_metered_exactly,
     assert_refused_at_first_call_over,
     assert_retry_of_dropped_call_refused,
+    assert_stayed_local,
     assert_stopped_cleanly,
     assert_third_call_refused,
     recorded_spend,
@@ -88,7 +89,7 @@ def test_one_turn_exact(sandbox):
     assert served.headers["authorization"] == "Bearer test-key"
     # 952 uncached input tokens, 2048 cached and 40 output tokens at gpt-5-mini's prices.
     assert recorded_spend(run) == Decimal("0.0003692")
-    assert run.survivors == {}
+    assert_stayed_local(run)
 
 
 def test_tool_loop_one_prompt_id(sandbox):
@@ -106,6 +107,7 @@ def test_tool_loop_one_prompt_id(sandbox):
     session_id = first.headers["session-id"]
     assert {row["agent_prompt_id"] for row in run.calls()} == {session_id}
     assert second.headers["session-id"] == session_id
+    assert_stayed_local(run)
 
 
 def test_two_prompts_two_prompt_ids(sandbox):
@@ -131,6 +133,7 @@ def test_two_prompts_two_prompt_ids(sandbox):
         served[0].headers["session-id"],
         served[2].headers["session-id"],
     ]
+    assert_stayed_local(run)
 
 
 def test_max_calls_stops_third_call(sandbox):

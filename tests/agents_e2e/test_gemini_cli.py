@@ -16,6 +16,7 @@ import pytest
 from tests.agents_e2e.checks import (
     assert_metered_exactly,
     assert_refused_at_first_call_over,
+    assert_stayed_local,
     assert_stopped_cleanly,
     assert_third_call_refused,
     recorded_spend,
@@ -72,7 +73,7 @@ def test_one_turn_router_exact(sandbox):
     # 1000 cached and 60 output tokens of gemini-3.8-flash.
     assert recorded_spend(run) == Decimal("0.000285") + Decimal("0.003300")
     assert {row["agent_prompt_id"] for row in run.calls()} == {None}
-    assert run.survivors == {}
+    assert_stayed_local(run)
 
 
 def test_tool_loop_every_call(sandbox):
@@ -88,6 +89,7 @@ def test_tool_loop_every_call(sandbox):
     served = assert_metered_exactly(run, sandbox.upstream)
     assert [record.schema_reply for record in served] == [True, False, False]
     assert "functionResponse" in json.dumps(served[-1].body["contents"][-1])
+    assert_stayed_local(run)
 
 
 def test_max_calls_stops_third_call(sandbox):
@@ -130,4 +132,4 @@ def test_dropped_stream_not_retried(sandbox):
     assert cut["usage_estimated"]
     assert cut["output_tokens"] > 0
     assert run.session()["end_reason"] == "exited"
-    assert run.survivors == {}
+    assert_stayed_local(run)
