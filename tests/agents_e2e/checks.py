@@ -6,20 +6,15 @@ tokens, not from tokencap's own pricing code, so a pricing mistake fails the tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 
 from tests.agents_e2e.sandbox import AgentRun
 from tests.fakeupstream import API_ANTHROPIC, API_GEMINI, FakeUpstream, RequestRecord
+from tokencap.usage import Usage
 
-TOKEN_KINDS = (
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-)
+# The ledger has one column per token kind, named like the fields of tokencap's Usage.
+TOKEN_KINDS = tuple(kind.name for kind in fields(Usage))
 
 
 @dataclass(frozen=True)
