@@ -33,6 +33,14 @@ one is queued:
   providers don't take each other's. `count_tokens`, model lists and unknown routes never take
   a scripted behaviour.
 
+Requests that ask for JSON output matching a schema (Gemini `responseJsonSchema` or
+`responseSchema`, OpenAI `response_format` or `text.format` of type `json_schema`, Anthropic
+`output_format` or `output_config.format`) get the same replies as any other call, unless
+`up.schema_behavior` is set. Then they get that behaviour with a JSON instance of the schema as
+their text, and take no scripted behaviour. Agents that route or check themselves with such
+calls (Gemini CLI asks for a complexity score before each prompt) then keep working while the
+script drives their main calls.
+
 Usage fields are reported verbatim in each API's own field, and totals are computed the way the
 API computes them:
 
@@ -291,6 +299,8 @@ class RequestRecord:
     # Model named by the request: the body's `model`, or the Gemini path segment.
     model: str | None = None
     behavior: Behavior | None = None
+    # The request asked for JSON matching a schema and got `schema_behavior` with an instance.
+    schema_reply: bool = False
     status: int | None = None
     # Value of the `request-id` (Anthropic) or `x-request-id` (OpenAI) response header.
     request_id: str | None = None
@@ -1089,7 +1099,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_body(400, _error_body(api, 400, message), "application/json")
             return
 
-        behavior = self.server.fake._take_behavior(api)
+        schema = _requested_schema(api, record.body)
+        schema_behavior = self.server.fake.schema_behavior
+        if schema is not None and schema_behavior is not None:
+            text = json.dumps(_schema_instance(schema))
+            behavior = replace(schema_behavior, text=text, tool_loop=False)
+            record.schema_reply = True
+        else:
+            behavior = self.server.fake._take_behavior(api)
         record.behavior = behavior
         record.stream = _is_stream_request(record)
         self._gzip = behavior.gzip and _accepts_gzip(record.headers.get("accept-encoding", ""))
@@ -1422,6 +1439,83 @@ def _match_route(method: str, path: str, body: Any) -> tuple[str, str | None, st
     return ROUTE_NOT_FOUND, None, None
 
 
+def _requested_schema(api: str, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Return the JSON schema a request wants its output to match, or None."""
+    if api == API_GEMINI:
+        config = body.get("generationConfig") or body.get("generation_config")
+        if not isinstance(config, dict):
+            return None
+        schema = config.get("responseJsonSchema") or config.get("responseSchema")
+        return schema if isinstance(schema, dict) else None
+
+    if api == API_OPENAI_CHAT:
+        form = body.get("response_format")
+        inner = form.get("json_schema") if isinstance(form, dict) else None
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        return schema if isinstance(schema, dict) else None
+
+    if api == API_OPENAI_RESPONSES:
+        text = body.get("text")
+        form = text.get("format") if isinstance(text, dict) else None
+    else:
+        form = body.get("output_format")
+        config = body.get("output_config")
+        if form is None and isinstance(config, dict):
+            form = config.get("format")
+    if not isinstance(form, dict) or form.get("type") != "json_schema":
+        return None
+    schema = form.get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _schema_instance(schema: Mapping[str, Any], depth: int = 0) -> Any:
+    """Return a small value that matches a JSON schema, or a Gemini schema with upper-case
+    types: the first enum value or const, every required property, one item per array."""
+    if depth > 20:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options and isinstance(options[0], dict):
+            return _schema_instance(options[0], depth + 1)
+
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    kind = str(kind).lower() if kind is not None else None
+    if kind is None:
+        kind = "object" if "properties" in schema else "string"
+
+    if kind == "object":
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(properties)
+        return {
+            name: _schema_instance(properties.get(name) or {}, depth + 1)
+            for name in names
+            if isinstance(name, str)
+        }
+    if kind == "array":
+        items = schema.get("items")
+        count = max(1, int(schema.get("minItems") or 0))
+        item = _schema_instance(items, depth + 1) if isinstance(items, dict) else "item"
+        return [item] * count
+    if kind in ("integer", "number"):
+        value = schema.get("minimum", 1)
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return "fake upstream"
+
+
 def _is_stream_request(record: RequestRecord) -> bool:
     if record.route == ROUTE_GEMINI_STREAM:
         return True
@@ -1646,7 +1740,7 @@ class FakeUpstream:
     """A fake Anthropic, OpenAI and Gemini server on 127.0.0.1, scripted per model call.
 
     Pass a `Behavior`, or its fields as keywords, to set the default behaviour. `port=0` picks
-    a free port.
+    a free port. `schema_behavior` answers calls that ask for schema-shaped JSON (see above).
     """
 
     def __init__(
@@ -1655,11 +1749,14 @@ class FakeUpstream:
         *,
         port: int = 0,
         tls: ServerCertificate | None = None,
+        schema_behavior: Behavior | None = None,
         **behavior_fields: Any,
     ):
         if default is not None and behavior_fields:
             raise TypeError("pass either a default Behavior or Behavior fields, not both")
         self.default: Behavior = default or Behavior(**behavior_fields)
+        # When set, calls that ask for schema-shaped JSON get this behaviour, outside the script.
+        self.schema_behavior: Behavior | None = schema_behavior
         self._port = port
         self.tls = tls
         self._lock = threading.Lock()
