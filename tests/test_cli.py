@@ -208,15 +208,16 @@ def test_db_directory_rejected(run_tokencap, tmp_path):
     assert f"the ledger path {tmp_path} is a directory" in run.stderr
 
 
-def test_unwritable_log_dir_still_runs(run_tokencap, tmp_path):
+def test_unwritable_data_dir_named(run_tokencap, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the data directory should be")
 
     run = run_tokencap([], ["true"], XDG_DATA_HOME=str(blocker))
 
-    assert run.exit_code == 0, run.stderr
+    assert run.exit_code == 2
     assert "cannot write the log file" in run.stderr
-    assert run.session()["status"] == "completed"
+    assert f"cannot create the CA directory {blocker}/tokencap/ca" in run.stderr
+    assert "XDG_DATA_HOME" in run.stderr
 
 
 def test_unreachable_upstream_named(run_agent, upstream):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import query
-from tests.fakeupstream import Behavior
+from tests.conftest import TESTS, query
+from tests.fakeupstream import Behavior, FakeUpstream, TestCA
 from tokencap.errors import EXIT_CAPPED, EXIT_USAGE
 
 pytestmark = pytest.mark.slow
@@ -262,3 +262,37 @@ def test_refuse_policy_sends_priced_models(upstream, run_agent, project):
     assert known.exit_code == 0, known.stderr
     assert added.exit_code == 0, added.stderr
     assert len(upstream.inference_requests()) == 2
+
+
+# --- Proxy ---------------------------------------------------------------------------------
+
+
+def test_extra_host_intercepted_and_metered(run_tokencap, project, tmp_path):
+    # A client that ignores base URLs calls a TLS server on 127.0.0.1 through HTTPS_PROXY. Only
+    # because the budget file names that host does tokencap intercept and meter the call,
+    # instead of passing the connection through.
+    ca = TestCA("gateway CA")
+    trust = ca.write(tmp_path / "gateway-ca.pem")
+    (project / "tokencap.toml").write_text('[proxy]\nextra_hosts = ["127.0.0.1"]\n')
+    body = {"model": "gpt-4o-2024-08-06", "max_tokens": 50, "messages": [{"role": "user"}]}
+    out = tmp_path / "client.jsonl"
+    gateway_behavior = Behavior(input_tokens=1000, output_tokens=100)
+    with FakeUpstream(gateway_behavior, tls=ca.issue("127.0.0.1")) as gateway:
+        request = json.dumps({"url": f"{gateway.url}/v1/chat/completions", "body": body})
+        run = run_tokencap(
+            [],
+            [sys.executable, str(TESTS / "agents" / "proxy_client.py"), "--out", str(out), request],
+            cwd=project,
+            SSL_CERT_FILE=str(trust),
+        )
+        assert len(gateway.inference_requests()) == 1
+
+    assert run.exit_code == 0, run.stderr
+    (outcome,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert outcome["status"] == 200, outcome
+    assert "tokencap" in outcome["issuer"]
+    (call,) = run.calls()
+    assert call["input_tokens"] == 1000
+    assert call["output_tokens"] == 100
+    # 1000 * $2.50 + 100 * $10 per million tokens
+    assert Decimal(call["cost_usd"]) == Decimal("0.0035")

@@ -155,7 +155,7 @@ def run(
             budget_rules=settings.budgets,
             prices=settings.prices,
             unknown_model=settings.unknown_model.value,
-            extra_hosts=settings.extra_hosts.value,
+            intercept_hosts=tuple(settings.extra_hosts.value),
         )
         runner.log_to_file(verbose)
         result = runner.run(options)
@@ -397,6 +397,35 @@ def simulate(
             console.print(f"Simulated provider stopped after {simulator.inference_requests} calls.")
 
 
+@app.command()
+def agents(
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """List the agent profiles: how tokencap meters each known agent without changing it.
+
+    The profile is picked from the command's name; any other command gets the generic one.
+    """
+    from rich.table import Table
+
+    from tokencap import agents as agents_module
+
+    _check_format(output_format)
+    profiles = agents_module.listing()
+    if output_format == "json":
+        sys.stdout.write(json.dumps({"profiles": profiles}, indent=2) + "\n")
+        return
+    table = Table("profile", "commands", "base URLs set", "refusal", "summary")
+    for profile in profiles:
+        table.add_row(
+            profile["name"],
+            ", ".join(profile["commands"]) or "(any other)",
+            ", ".join(profile["base_url_variables"]) or "(none)",
+            profile["refusal"],
+            profile["summary"],
+        )
+    _stdout_console().print(table)
+
+
 def print_run_result(result: RunResult, verbose: bool = False) -> None:
     """Print the end of a run on stderr: the cap line, unknown prices, or with verbose a summary."""
     console = stderr_console()
@@ -412,6 +441,16 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
             f"[yellow]tokencap:[/] calls could not reach {upstream}: {error}; check the "
             "base-URL variable tokencap was started with"
         )
+    if result.unmetered:
+        console.print(
+            "[yellow]tokencap:[/] model-API traffic reached upstream without being metered; "
+            + escape(
+                "add its hosts to extra_hosts in the [proxy] table of tokencap.toml if it "
+                "should count:"
+            )
+        )
+        for line in result.unmetered:
+            console.print(f"  {line}")
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(

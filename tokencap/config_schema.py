@@ -240,8 +240,9 @@ def _unknown_model_policy(value: Any) -> str:
     return value
 
 
-# A host name or IP address, optionally "*." before it and a port after it.
-_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*(:\d{1,5})?$")
+# A host name, or a shell-style pattern such as *.example.com; the HTTPS proxy matches the
+# host of each connection against it, without scheme or port.
+_HOST = re.compile(r"^[A-Za-z0-9*][A-Za-z0-9.*-]*$")
 
 
 def _check_tags(validator: _Validator, path: KeyPath, value: Any) -> None:
@@ -269,11 +270,13 @@ def _check_extra_hosts(validator: _Validator, path: KeyPath, value: Any) -> None
     hosts = []
     for index, item in enumerate(value):
         if not isinstance(item, str) or not _HOST.match(item):
-            hint = "; give the host name only" if isinstance(item, str) and "/" in item else ""
+            hint = ""
+            if isinstance(item, str) and ("/" in item or ":" in item):
+                hint = "; give the host name only, without scheme, path or port"
             validator.problem(
                 (*path, index),
-                f"expected a host name such as llm.internal or *.example.com with an optional "
-                f":PORT, got {_describe(item)}{hint}",
+                "expected a host name such as llm.internal or a pattern such as "
+                f"*.example.com, got {_describe(item)}{hint}",
             )
         else:
             hosts.append(item.lower())

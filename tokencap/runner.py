@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from tokencap import __version__, attribution, providers
+from tokencap import __version__, agents, attribution, certs, providers, routing
+from tokencap.agents import AgentProfile
 from tokencap.budgets import BudgetRule, LedgerBudgets, applicable
 from tokencap.caps import Budget, Refusal
-from tokencap.errors import EXIT_CAPPED
+from tokencap.environment import child_environment
+from tokencap.errors import EXIT_CAPPED, ConfigError
 from tokencap.ledger import Ledger, data_dir
+from tokencap.meter import Session
 from tokencap.prices import PriceOverride, Pricer, from_pico
-from tokencap.proxy import Proxy, Session
+from tokencap.proxy import Proxy
 from tokencap.supervisor import Child, StopResult, become_subreaper, resolve_executable
 
 logger = logging.getLogger(__name__)
@@ -41,13 +41,15 @@ class RunOptions:
     max_usd: Decimal | None = None
     max_calls: int | None = None
     grace: float = 2.0
+    # Agent profile by name; None picks it from the command.
+    profile: str | None = None
+    # Host patterns the HTTPS proxy intercepts besides the providers' own, such as
+    # "llm-gateway.example.com" or "*.inference.example.com".
+    intercept_hosts: tuple[str, ...] = ()
     # Cumulative budgets from the budget files; the run checks those that match its attribution.
     budget_rules: list[BudgetRule] = field(default_factory=list)
     prices: list[PriceOverride] = field(default_factory=list)
     unknown_model: str = "highest"
-    # NOTE: only the HTTPS interception reads extra hosts; base-URL routing meters the three
-    # providers' variables alone.
-    extra_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,15 +64,23 @@ class RunResult:
     refusal: Refusal | None
     stop: StopResult | None
     unknown_models: set[tuple[str, str]]
-    unreachable: dict[str, str]
+    profile: str = "generic"
+    # Model-API traffic that reached upstream without being metered, one line each.
+    unmetered: list[str] = field(default_factory=list)
+    # Upstream URL -> the last connection error, for upstreams that could not be reached.
+    unreachable: dict[str, str] = field(default_factory=dict)
 
 
 def run(options: RunOptions) -> RunResult:
     """Run the agent under the caps and return how it ended."""
     env = dict(os.environ)
     upstreams = providers.upstreams_from_env(env)
+    chain = routing.chain_from_env(env)
+    profile = _profile(options)
+    extra_hosts = intercept_patterns(options.intercept_hosts, env)
     # Check the command before recording a session, so a typo leaves no trace in the ledger.
     resolve_executable(options.argv[0], env, None)
+    trust = certs.prepare(data_dir() / "ca", env)
     ledger = Ledger(options.db_path)
     session_id = attribution.new_session_id()
     user = options.user or attribution.default_user()
@@ -108,12 +118,24 @@ def run(options: RunOptions) -> RunResult:
             refusal = shared.exhausted()
         if refusal is not None:
             budget.refuse(refusal)
-            exit_code, stop = EXIT_CAPPED, None
+            exit_code, stop, unmetered = EXIT_CAPPED, None, []
         else:
             budget.shared = shared
             become_subreaper()
-            exit_code, stop = asyncio.run(
-                _supervise(options, env, session_id, ledger, budget, pricer, upstreams, unreachable)
+            session = Session(
+                session_id,
+                ledger,
+                budget,
+                pricer,
+                upstreams,
+                on_trip=lambda refusal: None,
+                profile=profile,
+                overrides=providers.overrides_from_env(env),
+                extra_hosts=extra_hosts,
+                unreachable=unreachable,
+            )
+            exit_code, stop, unmetered = asyncio.run(
+                _supervise(options, env, session, trust, chain)
             )
     except BaseException:
         ledger.end_session(session_id, status="failed", end_reason="tokencap_error")
@@ -144,6 +166,8 @@ def run(options: RunOptions) -> RunResult:
         refusal=budget.tripped,
         stop=stop,
         unknown_models=pricer.unknown_models,
+        profile=profile.name,
+        unmetered=unmetered,
         unreachable=unreachable,
     )
 
@@ -151,101 +175,111 @@ def run(options: RunOptions) -> RunResult:
 async def _supervise(
     options: RunOptions,
     env: dict[str, str],
-    session_id: str,
-    ledger: Ledger,
-    budget: Budget,
-    pricer: Pricer,
-    upstreams: dict[str, providers.Upstream],
-    unreachable: dict[str, str],
-) -> tuple[int, StopResult | None]:
+    session: Session,
+    trust: certs.Trust,
+    chain: routing.Chain | None,
+) -> tuple[int, StopResult | None, list[str]]:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
     def on_trip(refusal: Refusal) -> None:
         # A refusal that did not come from the budget, such as an unpriced model, still ends
         # the run as capped.
-        budget.refuse(refusal)
+        session.budget.refuse(refusal)
         if not stop_requested.is_set():
-            logger.info("session %s stopped: %s", session_id, refusal.message)
+            logger.info("session %s stopped: %s", session.session_id, refusal.message)
             proxy.addon.cut_all_streams()
             stop_requested.set()
 
-    session = Session(
-        session_id, ledger, budget, pricer, upstreams, on_trip, unreachable=unreachable
+    session.on_trip = on_trip
+    proxy = Proxy(session, str(trust.ca_dir), str(trust.upstream_bundle), chain)
+    await proxy.start()
+    logger.info(
+        "session %s: base-URL route on 127.0.0.1:%d, HTTPS proxy on 127.0.0.1:%d, profile %s",
+        session.session_id,
+        proxy.port,
+        proxy.proxy_port,
+        session.profile.name,
     )
-    with _mitmproxy_confdir() as confdir:
-        proxy = Proxy(session, confdir)
-        await proxy.start()
-        logger.info("proxy for session %s listening on 127.0.0.1:%d", session_id, proxy.port)
-        try:
-            child = Child.spawn(options.argv, child_environment(env, proxy, session_id))
-            stopping_tree = False
 
-            def on_signal(sig: signal.Signals) -> None:
-                # A second SIGINT or SIGTERM while the tree is being stopped skips the grace.
-                if stopping_tree and sig in (signal.SIGINT, signal.SIGTERM):
-                    logger.info("received %s while stopping: killing the tree now", sig.name)
-                    child.kill_tree()
-                else:
-                    child.send_signal(sig)
-
-            for sig in FORWARDED_SIGNALS:
-                loop.add_signal_handler(sig, on_signal, sig)
-            waiting = asyncio.create_task(child.wait())
-            stopping = asyncio.create_task(stop_requested.wait())
-            await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-
-            stop = None
-            if stop_requested.is_set():
-                stopping_tree = True
-                stop = await child.stop_tree(options.grace)
-            returncode = await waiting
-            stopping.cancel()
-            if stop is None and child.tree():
-                # The agent exited but left processes behind; they would call models unmetered
-                # once the proxy is gone, so they end with the run.
-                logger.info("stopping %d processes the agent left behind", len(child.tree()))
-                stopping_tree = True
-                stop = await child.stop_tree(options.grace)
-        finally:
-            for sig in FORWARDED_SIGNALS:
-                loop.remove_signal_handler(sig)
-            await proxy.stop()
-    return _exit_code(returncode), stop
-
-
-@contextlib.contextmanager
-def _mitmproxy_confdir() -> Iterator[str]:
-    """Yield mitmproxy's configuration directory: in the data directory, else a temporary one.
-
-    mitmproxy writes its CA there on first start. When the data directory is not writable,
-    a directory that lives only as long as the run keeps tokencap working.
-    """
-    confdir = data_dir() / "mitmproxy"
     try:
-        confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        logger.warning("cannot create %s (%s); using a temporary directory", confdir, exc)
-        with tempfile.TemporaryDirectory(prefix="tokencap-mitmproxy-") as temporary:
-            yield temporary
-        return
-    yield str(confdir)
+        child_env = child_environment(
+            env,
+            session_id=session.session_id,
+            profile=session.profile,
+            base_urls={p.name: proxy.base_url(p.name) for p in providers.PROVIDERS},
+            proxy_url=proxy.proxy_url,
+            trust=trust,
+            extra_hosts=session.extra_hosts,
+        )
+        child = Child.spawn(options.argv, child_env)
+        stopping_tree = False
+
+        def on_signal(sig: signal.Signals) -> None:
+            # A second SIGINT or SIGTERM while the tree is being stopped skips the grace period.
+            if stopping_tree and sig in (signal.SIGINT, signal.SIGTERM):
+                logger.info("received %s while stopping: killing the tree now", sig.name)
+                child.kill_tree()
+            else:
+                child.send_signal(sig)
+
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        waiting = asyncio.create_task(child.wait())
+        stopping = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+
+        stop = None
+        if stop_requested.is_set():
+            stopping_tree = True
+            stop = await child.stop_tree(options.grace)
+        returncode = await waiting
+        stopping.cancel()
+        if stop is None and child.tree():
+            # The agent exited but left processes behind; they would call models unmetered
+            # once the proxy is gone, so they end with the run.
+            logger.info("stopping %d processes the agent left behind", len(child.tree()))
+            stopping_tree = True
+            stop = await child.stop_tree(options.grace)
+    finally:
+        for sig in FORWARDED_SIGNALS:
+            loop.remove_signal_handler(sig)
+        await proxy.stop()
+    unmetered = proxy.addon.escapes.lines()
+    for line in unmetered:
+        logger.warning("unmetered model traffic: %s", line)
+    return _exit_code(returncode), stop, unmetered
 
 
-def child_environment(env: dict[str, str], proxy: Proxy, session_id: str) -> dict[str, str]:
-    """Return the agent's environment: base URLs point at the proxy, the session id is set."""
-    child = dict(env)
-    for provider in providers.PROVIDERS:
-        child[provider.env_var] = proxy.base_url(provider.name)
-    child["TOKENCAP_SESSION_ID"] = session_id
-    # A corporate proxy in HTTP(S)_PROXY must not capture the calls to tokencap itself.
-    for name in ("NO_PROXY", "no_proxy"):
-        entries = [e for e in child.get(name, "").split(",") if e.strip()]
-        for local in ("127.0.0.1", "localhost"):
-            if local not in entries:
-                entries.append(local)
-        child[name] = ",".join(entries)
-    return child
+def _profile(options: RunOptions) -> AgentProfile:
+    try:
+        return agents.profile_for(options.argv, options.profile)
+    except KeyError:
+        names = ", ".join(sorted(agents.BY_NAME))
+        raise ConfigError(
+            f"unknown agent profile {options.profile!r}; use one of {names}"
+        ) from None
+
+
+def intercept_patterns(patterns: tuple[str, ...], env: dict[str, str]) -> tuple[str, ...]:
+    """Validate configured host patterns, and add the hosts of https upstream overrides.
+
+    A gateway named in ANTHROPIC_BASE_URL or OPENAI_BASE_URL is intercepted too, so an agent
+    that reads its own configuration instead of the variable is still metered there.
+    """
+    result = []
+    for pattern in patterns:
+        host = pattern.strip().lower()
+        if not host or "/" in host or ":" in host or " " in host:
+            raise ConfigError(
+                f"invalid intercepted host {pattern!r}: give a host name such as "
+                "llm.example.com or a wildcard such as *.example.com, without scheme or port"
+            )
+        result.append(host)
+    for upstream in providers.overrides_from_env(env).values():
+        if upstream.scheme == "https" and not routing.is_loopback(upstream.host):
+            result.append(upstream.host.lower())
+    return tuple(dict.fromkeys(result))
 
 
 def _exit_code(returncode: int) -> int:
