@@ -7,6 +7,7 @@ from decimal import Decimal
 from rich.text import Text
 
 from tokencap.prices import from_pico
+from tokencap.report.formats import money
 
 # One character cell is split into eighths of its height.
 _BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -23,12 +24,10 @@ def spend_chart(
 ) -> Text:
     """Return a bar chart of spend after each call, with the dollar cap as a line.
 
-    `cumulative_pico` holds the spend in picodollars after each call sent upstream, in order.
+    `cumulative_pico` is the spend in picodollars after each call sent upstream, in order.
     The x axis runs to `max_calls` when that is more than the calls made, so the chart shows
     how much of both caps a session used. Bars above the cap are red.
     """
-    from tokencap.report.formats import money
-
     calls = len(cumulative_pico)
     slots = max(calls, max_calls or 0)
     if slots == 0:

@@ -1,4 +1,4 @@
-"""What a report covers: the grouping keys and the filters, and the SQL conditions for them."""
+"""The scope of a report: grouping keys, filters, and the SQL conditions for them."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ TAG_KEY_PREFIX = "tag:"
 # `running` and `stale` both have status 'running' in the ledger; a stale session's tokencap
 # process is gone.
 STATUSES = ("completed", "capped", "failed", "running", "stale")
-
-SORT_ORDERS = ("cost", "calls", "sessions", "name")
 
 
 @dataclass(frozen=True)

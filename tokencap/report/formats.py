@@ -19,8 +19,6 @@ from rich.text import Text
 
 from tokencap.report.queries import TOKEN_FIELDS, GroupedReport, Totals
 
-FORMATS = ("table", "json", "csv", "markdown")
-
 NO_SESSIONS = "No sessions recorded yet. Run an agent with `tokencap run -- COMMAND`."
 NO_MATCH = "No sessions match these filters."
 NO_CALLS = "No model calls recorded yet, so there is no model, provider or day to group by."
@@ -123,8 +121,13 @@ def _cache_writes(tokens: dict[str, int]) -> int:
     return tokens["cache_write_5m_tokens"] + tokens["cache_write_1h_tokens"]
 
 
-def _cost_cell(totals: Totals) -> str:
-    return money(totals.cost_usd) + ("*" if totals.cost_estimated else "")
+def all_input_tokens(tokens: dict[str, int]) -> int:
+    """Return the input tokens of every kind: uncached, cache reads and cache writes."""
+    return tokens["input_tokens"] + tokens["cache_read_tokens"] + _cache_writes(tokens)
+
+
+def _cost_cell(totals: Totals, mark: str = "*") -> str:
+    return money(totals.cost_usd) + (mark if totals.cost_estimated else "")
 
 
 # --- Grouped reports ----------------------------------------------------------------------
@@ -208,12 +211,8 @@ def grouped_csv(report: GroupedReport) -> str:
     for group in report.groups:
         values = group.totals.to_json()
         values |= values.pop("tokens")
-        rows.append([*(group.key[key] for key in report.group_by), *_csv_values(values)])
-    return _csv([*report.group_by, *_CSV_TOTALS], rows)
-
-
-def _csv_values(values: dict[str, Any]) -> list[Any]:
-    return [values[name] for name in _CSV_TOTALS]
+        rows.append([*(group.key[key] for key in report.group_by), *map(values.get, _CSV_TOTALS)])
+    return csv_text([*report.group_by, *_CSV_TOTALS], rows)
 
 
 def grouped_markdown(report: GroupedReport) -> str:
@@ -223,7 +222,7 @@ def grouped_markdown(report: GroupedReport) -> str:
         [
             *(key_text(group.key[key]) for key in report.group_by),
             *(number(value(group.totals)) for _, value in _TOTAL_COLUMNS),
-            _cost_cell(group.totals),
+            _cost_cell(group.totals, "\\*"),
         ]
         for group in report.groups
     ]
@@ -231,14 +230,16 @@ def grouped_markdown(report: GroupedReport) -> str:
         "total",
         *[""] * (len(report.group_by) - 1),
         *(number(value(report.totals)) for _, value in _TOTAL_COLUMNS),
-        _cost_cell(report.totals),
+        _cost_cell(report.totals, "\\*"),
     ]
     rows.append([f"**{cell}**" if cell else "" for cell in totals])
     lines = [f"### tokencap spend by {', '.join(report.group_by)}", ""]
     if report.filters.describe():
         lines += [f"Filters: {_markdown_cell(report.filters.describe())}", ""]
-    lines.append(markdown_table(headers, rows, right=len(report.group_by)))
-    notes = grouped_notes(report)
+    align = "l" * len(report.group_by) + "r" * (len(headers) - len(report.group_by))
+    lines.append(markdown_table(headers, rows, align))
+    # A line that starts with * would be a list item in markdown.
+    notes = [note.replace("* ", "\\* ", 1) for note in grouped_notes(report)]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -328,11 +329,12 @@ def sessions_csv(sessions: list[dict[str, Any]]) -> str:
     for session in sessions:
         values = session | session["tokens"] | {"tags": json.dumps(session["tags"])}
         rows.append([values[name] for name in _SESSION_CSV])
-    return _csv(_SESSION_CSV, rows)
+    return csv_text(_SESSION_CSV, rows)
 
 
 def sessions_markdown(sessions: list[dict[str, Any]], title: str) -> str:
     headers = ["session", "status", "task", "agent", "user", "calls", "cost", "started (UTC)"]
+    align = "lllllrrl"
     rows = [
         [
             f"`{session['session_id']}`",
@@ -346,17 +348,17 @@ def sessions_markdown(sessions: list[dict[str, Any]], title: str) -> str:
         ]
         for session in sessions
     ]
-    return f"### {title}\n\n{markdown_table(headers, rows, right=5)}\n"
+    return f"### {title}\n\n{markdown_table(headers, rows, align)}\n"
 
 
 # --- Shared -------------------------------------------------------------------------------
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], right: int) -> str:
-    """Return a markdown table; columns from index `right` on are right-aligned."""
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str) -> str:
+    """Return a markdown table; `align` has an l or r per column, such as "llrr"."""
     lines = [
         "| " + " | ".join(_markdown_cell(h) for h in headers) + " |",
-        "| " + " | ".join("---" if i < right else "---:" for i in range(len(headers))) + " |",
+        "| " + " | ".join("---:" if side == "r" else "---" for side in align) + " |",
     ]
     lines.extend("| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in rows)
     return "\n".join(lines)
@@ -367,7 +369,8 @@ def _markdown_cell(value: Any) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
-def _csv(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def csv_text(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Return CSV with a header line; None is an empty cell and booleans are true or false."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(headers)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from tokencap.ledger import Ledger
 from tokencap.report.filters import Filters
-from tokencap.report.formats import cost_against_cap, markdown_table, money, number, session_status
+from tokencap.report.formats import (
+    all_input_tokens,
+    cost_against_cap,
+    markdown_table,
+    money,
+    number,
+    session_status,
+)
 from tokencap.report.queries import grouped_report, session_detail
 from tokencap.report.session_view import (
     calls_markdown,
@@ -40,7 +47,7 @@ def write_github_summary(db_path: Path, session_id: str, summary_path: Path) -> 
             group.key["model"] or "(none)",
             number(group.totals.calls),
             number(group.totals.refused_calls),
-            number(sum(group.totals.tokens[name] for name in list(group.totals.tokens)[:4])),
+            number(all_input_tokens(group.totals.tokens)),
             number(group.totals.tokens["output_tokens"]),
             money(group.totals.cost_usd),
         ]
@@ -51,7 +58,7 @@ def write_github_summary(db_path: Path, session_id: str, summary_path: Path) -> 
         headline,
         f"Session `{session_id}`",
         facts_markdown(detail),
-        "#### Spend by model\n\n" + markdown_table(headers, rows, right=1) if rows else "",
+        "#### Spend by model\n\n" + markdown_table(headers, rows, "lrrrrr") if rows else "",
         prompts_markdown(detail),
         chart_markdown(detail),
         calls_markdown(detail, limit=_CALLS_LISTED),

@@ -1,4 +1,4 @@
-"""What the report, sessions and watch commands print on stdout, in each format."""
+"""Output of the report and sessions commands on stdout, in each format."""
 
 from __future__ import annotations
 

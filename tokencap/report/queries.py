@@ -8,8 +8,8 @@ until it is shown.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -76,6 +76,22 @@ class Totals:
     def zero(cls) -> Totals:
         return cls(0, 0, 0, 0, dict.fromkeys(TOKEN_FIELDS, 0), 0, 0)
 
+    @classmethod
+    def add(cls, parts: Iterable[Totals]) -> Totals:
+        """Return the sum of `parts`, counting each part's sessions as different sessions."""
+        total = cls.zero()
+        for part in parts:
+            total = cls(
+                sessions=total.sessions + part.sessions,
+                capped_sessions=total.capped_sessions + part.capped_sessions,
+                calls=total.calls + part.calls,
+                refused_calls=total.refused_calls + part.refused_calls,
+                tokens={name: total.tokens[name] + part.tokens[name] for name in TOKEN_FIELDS},
+                cost_pico_usd=total.cost_pico_usd + part.cost_pico_usd,
+                estimated_calls=total.estimated_calls + part.estimated_calls,
+            )
+        return total
+
     @property
     def cost_usd(self) -> Decimal:
         return from_pico(self.cost_pico_usd)
@@ -141,9 +157,9 @@ def grouped_report(
 ) -> GroupedReport:
     """Return spend grouped by `group_by`, sorted and cut to `top` groups, with totals.
 
-    A session counts in every group it has calls in. Grouping by model, provider or day, or
-    filtering by model or provider, leaves out sessions without a matching call; otherwise
-    sessions without calls count with zero calls.
+    A session counts in every group it has calls in. Sessions without calls count with zero
+    calls, unless the report groups or filters by something only calls have (model, provider
+    or day), which leaves them out.
     """
     stale = _stale_ids(ledger) if _needs_stale(filters) else set()
     spans, spans_params = _spans(filters)
@@ -168,21 +184,29 @@ def grouped_report(
         f"{source} GROUP BY {', '.join(key_names)} ORDER BY {order}",
         [*spans_params, *key_params, *where_params],
     )
-    (total,) = _rows(
-        ledger,
-        f"WITH spans AS ({spans}) SELECT {_SESSION_COUNTS_SQL}, {_SUMS_SQL} {source}",
-        [*spans_params, *where_params],
-    )
     groups = [
         Group({key: row[f"k{i}"] for i, key in enumerate(group_by)}, Totals.from_row(row))
         for row in rows
     ]
+
+    # The sums of the groups are the totals, but a session in several groups is one session.
+    totals = Totals.add(group.totals for group in groups)
+    if any(is_call_key(key) for key in group_by):
+        (counts,) = _rows(
+            ledger,
+            f"WITH spans AS ({spans}) SELECT COUNT(*) AS sessions, "
+            "COUNT(*) FILTER (WHERE p.status = 'capped') AS capped_sessions "
+            f"FROM sessions p WHERE {where} AND p.id IN (SELECT session_id FROM spans)",
+            [*spans_params, *where_params],
+        )
+        totals = replace(totals, **counts)
+
     return GroupedReport(
         group_by=group_by,
         filters=filters,
         groups=groups[:top] if top else groups,
         group_count=len(groups),
-        totals=Totals.from_row(total),
+        totals=totals,
         ledger_empty=not has_sessions(ledger),
     )
 
@@ -231,16 +255,19 @@ def _split_window(
     since: datetime | None, until: datetime | None
 ) -> tuple[tuple[str | None, str | None] | None, list[tuple[datetime, datetime]]]:
     """Split a time window into whole UTC hours (first, end) and partial-hour edges."""
-    first = _ceil_hour(since) if since is not None else None
-    end = _floor_hour(until) if until is not None else None
-    if first is not None and end is not None and first >= end:
-        assert since is not None and until is not None
-        return None, [(since, until)]
+    first = end = None
     edges = []
-    if since is not None and first is not None and since < first:
-        edges.append((since, first))
-    if until is not None and end is not None and end < until:
-        edges.append((end, until))
+    if since is not None:
+        first = _ceil_hour(since)
+        if since < first:
+            edges.append((since, first))
+    if until is not None:
+        end = _floor_hour(until)
+        if end < until:
+            edges.append((end, until))
+    if first is not None and end is not None and first >= end:
+        # The window lies within one or two partial hours: sum it all from the calls.
+        return None, [(since, until)]
     hours = (
         f"{first:%Y-%m-%dT%H}" if first is not None else None,
         f"{end:%Y-%m-%dT%H}" if end is not None else None,

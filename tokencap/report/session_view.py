@@ -7,8 +7,6 @@ of one prompt into many calls is visible.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shlex
 from decimal import Decimal
@@ -23,8 +21,10 @@ from tokencap.prices import to_pico
 from tokencap.report.chart import spend_chart
 from tokencap.report.formats import (
     ESTIMATED_NOTE,
+    all_input_tokens,
     calls_against_cap,
     cost_against_cap,
+    csv_text,
     duration,
     markdown_table,
     money,
@@ -170,7 +170,7 @@ def _prompts_table(detail: SessionDetail) -> Table:
             calls,
             f"#{prompt['first_seq']}",
             f"#{prompt['last_seq']}",
-            number(_input_tokens(tokens)),
+            number(all_input_tokens(tokens)),
             number(tokens["output_tokens"]),
             money(prompt["cost_usd"]),
         )
@@ -242,10 +242,6 @@ def _notes(detail: SessionDetail) -> list[str]:
     return notes
 
 
-def _input_tokens(tokens: dict[str, int]) -> int:
-    return sum(tokens[name] for name in TOKEN_FIELDS[:4])
-
-
 # --- Machine formats ----------------------------------------------------------------------
 
 
@@ -279,24 +275,13 @@ _CALL_CSV = (
 
 def detail_csv(detail: SessionDetail) -> str:
     """Return one CSV row per call, in order."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(_CALL_CSV)
-    for call in detail.calls:
-        values = call | call["tokens"]
-        writer.writerow([_csv_value(values[name]) for name in _CALL_CSV])
-    return out.getvalue()
+    rows = [[(call | call["tokens"])[name] for name in _CALL_CSV] for call in detail.calls]
+    return csv_text(_CALL_CSV, rows)
 
 
 def _markdown_text(value: str) -> str:
     # Attribution is free text; backslash-escape the characters markdown would format.
     return "".join("\\" + c if c in "\\`*_[]<>|" else c for c in value)
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return str(value).lower() if isinstance(value, bool) else value
 
 
 def detail_markdown(detail: SessionDetail) -> str:
@@ -335,7 +320,7 @@ def prompts_markdown(detail: SessionDetail) -> str:
         for p in detail.prompts
     ]
     headers = ["prompt", "agent prompt id", "calls", "refused", "calls #", "cost"]
-    return "#### Calls per agent prompt id\n\n" + markdown_table(headers, rows, right=2)
+    return "#### Calls per agent prompt id\n\n" + markdown_table(headers, rows, "llrrlr")
 
 
 def calls_markdown(detail: SessionDetail, limit: int | None = None) -> str:
@@ -350,7 +335,7 @@ def calls_markdown(detail: SessionDetail, limit: int | None = None) -> str:
             (call["started_at"] or "")[11:23],
             labels.get(call["agent_prompt_id"], ""),
             call["model"] or "",
-            number(_input_tokens(call["tokens"])),
+            number(all_input_tokens(call["tokens"])),
             number(call["tokens"]["output_tokens"]),
             money(call["cost_usd"]) + ("\\*" if call["cost_estimated"] else ""),
             money(call["cumulative_cost_usd"]),
@@ -359,7 +344,7 @@ def calls_markdown(detail: SessionDetail, limit: int | None = None) -> str:
         for call in listed
     ]
     headers = ["#", "time (UTC)", "prompt", "model", "input", "output", "cost", "total", "status"]
-    text = "#### Calls\n\n" + markdown_table(headers, rows, right=4)
+    text = "#### Calls\n\n" + markdown_table(headers, rows, "rlllrrrrl")
     if len(listed) < len(detail.calls):
         text += (
             f"\n\n{len(detail.calls) - len(listed)} more calls: "

@@ -24,7 +24,6 @@ from tokencap.report.formats import (
     calls_against_cap,
     cost_against_cap,
     duration,
-    session_status,
     status_text,
 )
 from tokencap.report.queries import watched_sessions
@@ -79,10 +78,10 @@ class _Frames:
                 return Text(f"No ledger at {self.path} yet; waiting for a `tokencap run`.")
             self.ledger = Ledger(self.path, create=False)
         sessions = watched_sessions(self.ledger, self.filters, self.ended_within, now)
-        return watch_table(sessions, now, self.ended_within)
+        return watch_table(sessions, now)
 
 
-def watch_table(sessions: list[dict[str, Any]], now: datetime, ended_within: float) -> Table:
+def watch_table(sessions: list[dict[str, Any]], now: datetime) -> Table:
     """Return running sessions, and those that ended a moment ago dimmed, as a table."""
     running = [s for s in sessions if s["status"] == "running" and not s["stale"]]
     table = Table(
@@ -103,7 +102,7 @@ def watch_table(sessions: list[dict[str, Any]], now: datetime, ended_within: flo
     table.add_column("of cap", no_wrap=True)
     table.add_column("last model")
     table.add_column("last call", justify="right", no_wrap=True)
-    table.add_column("running for", justify="right", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
 
     for session in sessions:
         active = session["status"] == "running" and not session["stale"]
@@ -137,7 +136,11 @@ def spend_bar(session: dict[str, Any]) -> Text:
     cap = Decimal(session["max_usd"])
     share = Decimal(session["cost_usd"]) / cap if cap > 0 else Decimal(1)
     filled = min(_BAR_WIDTH, int(share * _BAR_WIDTH))
-    style = "red" if share >= 1 else "yellow" if share >= Decimal("0.8") else "green"
+    style = "green"
+    if share >= 1:
+        style = "red"
+    elif share >= Decimal("0.8"):
+        style = "yellow"
     bar = Text("█" * filled, style=style)
     bar.append("░" * (_BAR_WIDTH - filled), style="dim")
     bar.append(f" {share * 100:.0f}%")
@@ -149,6 +152,3 @@ def _ago(iso: str | None, now: datetime) -> str:
         return ""
     seconds = (now - datetime.fromisoformat(iso)).total_seconds()
     return f"{max(seconds, 0):.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
-
-
-__all__ = ["session_status", "spend_bar", "watch", "watch_table"]
