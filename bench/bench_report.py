@@ -7,8 +7,8 @@ Run from the repository root, with tokencap installed in the active environment:
 
 The first run generates the ledger, about 20,000 sessions over 90 days, which takes a few
 minutes. It is kept in the temporary directory for later runs. `--db PATH` puts it elsewhere,
-and `--regenerate` builds it anew. It is the only place where call rows are inserted directly: the tests build
-their ledgers through real `tokencap run` sessions.
+and `--regenerate` builds it anew. This is the only place where call rows are inserted
+directly: the tests build their ledgers through real `tokencap run` sessions.
 
 Each report runs as a user runs it, a new `tokencap` process with `--format json`, several
 times, and then in this process; the script prints the median wall and CPU times and checks

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import SDK_AGENT, TOKENCAP, query
 from tests.fakeupstream import Behavior, FakeUpstream
+from tests.test_cli import run_cli
 from tokencap.cli import app
 
 pytestmark = pytest.mark.slow
@@ -173,14 +174,7 @@ def tokencap(book: Book, *args: str) -> str:
 
 def tokencap_process(book: Book, *args: str, **env: str) -> str:
     """Return the stdout of the tokencap executable, started with its output in a pipe."""
-    result = subprocess.run(
-        [str(TOKENCAP), *args],
-        env=book.env | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_cli(list(args), book.env | env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -6,13 +6,13 @@ import csv
 import io
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TOKENCAP, query
+from tests.conftest import query
 from tests.fakeupstream import Behavior
+from tests.test_cli import run_cli
 from tokencap.ledger import Ledger
 
 pytestmark = pytest.mark.slow
@@ -31,17 +31,6 @@ SELECT session_id, substr(started_at, 1, 13) AS hour, provider, COALESCE(model, 
 FROM calls GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
 """
 TOTALS = "SELECT * FROM call_totals ORDER BY 1, 2, 3, 4"
-
-
-def tokencap(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(TOKENCAP), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def as_dicts(rows: list[sqlite3.Row]) -> list[dict]:
@@ -69,7 +58,7 @@ def test_older_ledger_gets_totals(upstream, run_agent, tokencap_env):
     upstream.default = Behavior(input_tokens=1200, output_tokens=340, cache_read_tokens=5000)
     run = run_agent(["--task", "old"], "--api", "anthropic", "--calls", "3")
     assert run.exit_code == 0, run.stderr
-    before = json.loads(tokencap(tokencap_env, "report", "-f", "json").stdout)["totals"]
+    before = json.loads(run_cli(["report", "-f", "json"], tokencap_env).stdout)["totals"]
     # Turn the ledger back into one written before the totals table existed.
     with sqlite3.connect(run.db) as conn:
         for trigger in ("call_totals_insert", "call_totals_update", "call_totals_delete"):
@@ -79,7 +68,7 @@ def test_older_ledger_gets_totals(upstream, run_agent, tokencap_env):
         conn.execute("DELETE FROM _migrations WHERE name = 'm002_report_totals'")
     conn.close()
 
-    result = tokencap(tokencap_env, "report", "-f", "json")
+    result = run_cli(["report", "-f", "json"], tokencap_env)
 
     assert result.returncode == 0, result.stderr
     after = json.loads(result.stdout)["totals"]
@@ -105,10 +94,10 @@ def empty_db(request, tmp_path) -> Path:
 def test_report_empty_ledger_formats(empty_db, tokencap_env):
     env = tokencap_env | {"TOKENCAP_DB": str(empty_db)}
 
-    table = tokencap(env, "report")
-    markdown = tokencap(env, "report", "--format", "markdown")
-    data = tokencap(env, "report", "--format", "json")
-    text = tokencap(env, "report", "--format", "csv", "--by", "team,task")
+    table = run_cli(["report"], env)
+    markdown = run_cli(["report", "--format", "markdown"], env)
+    data = run_cli(["report", "--format", "json"], env)
+    text = run_cli(["report", "--format", "csv", "--by", "team,task"], env)
 
     for result in (table, markdown, data, text):
         assert result.returncode == 0, result.stderr
@@ -131,8 +120,8 @@ def test_report_empty_ledger_formats(empty_db, tokencap_env):
 def test_sessions_empty_ledger(empty_db, tokencap_env):
     env = tokencap_env | {"TOKENCAP_DB": str(empty_db)}
 
-    table = tokencap(env, "sessions")
-    data = tokencap(env, "sessions", "--format", "json")
+    table = run_cli(["sessions"], env)
+    data = run_cli(["sessions", "--format", "json"], env)
 
     assert table.returncode == 0, table.stderr
     assert "No sessions recorded yet" in table.stdout
@@ -142,7 +131,7 @@ def test_sessions_empty_ledger(empty_db, tokencap_env):
 def test_grouping_by_model_without_calls(run_tokencap, tokencap_env):
     run = run_tokencap([], ["true"])
 
-    result = tokencap(tokencap_env, "report", "--by", "model")
+    result = run_cli(["report", "--by", "model"], tokencap_env)
 
     assert run.exit_code == 0, run.stderr
     assert result.returncode == 0, result.stderr

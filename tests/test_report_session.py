@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
 import sys
 import textwrap
 from decimal import Decimal
 
 import pytest
 
-from tests.conftest import TOKENCAP
 from tests.fakeupstream import Behavior
+from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +39,9 @@ PROMPTS_AGENT = textwrap.dedent(
 CALL_COST = Decimal("0.0045")
 
 
-def report(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(TOKENCAP), "report", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
-
-
 def detail(env: dict[str, str], session_id: str, output_format: str = "json") -> str:
-    result = report(env, "--session", session_id, "--format", output_format)
+    """Return the stdout of `tokencap report --session ID --format FORMAT`."""
+    result = run_cli(["report", "--session", session_id, "--format", output_format], env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -223,7 +212,7 @@ def test_session_without_calls(run_tokencap, tokencap_env):
 def test_session_without_ledger(tokencap_env, tmp_path):
     missing = tmp_path / "missing.db"
 
-    result = report(tokencap_env, "--session", "20261204", "--db", str(missing))
+    result = run_cli(["report", "--session", "20261204", "--db", str(missing)], tokencap_env)
 
     assert result.returncode == 2
     assert f"there is no ledger at {missing}" in result.stderr

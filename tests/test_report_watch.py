@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import TOKENCAP, query
 from tests.fakeupstream import Behavior
+from tests.test_cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -115,14 +116,8 @@ def running(upstream, tokencap_env, tmp_path):
 
 
 def tokencap(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run(
-        [str(TOKENCAP), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    """Return the stdout of `tokencap ARGS`, which must succeed."""
+    result = run_cli(list(args), env)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

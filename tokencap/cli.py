@@ -17,6 +17,7 @@ from tokencap.console import stderr_console
 from tokencap.errors import EXIT_INTERNAL, ConfigError, TokencapError
 
 if TYPE_CHECKING:
+    from tokencap.report.filters import Filters
     from tokencap.runner import RunResult
 
 app = typer.Typer(
@@ -267,25 +268,16 @@ def report(
     from tokencap.report import output
 
     path = db or ledger.default_path()
+    session_ids = [part.strip() for value in session or [] for part in value.split(",")]
     try:
-        if session and len(session) == 1 and not by:
+        if len(session_ids) == 1 and not by:
             _check_detail_options(
                 since, until, task, agent, user, team, tag, status, model, provider, sort, top
             )
-            output.print_detail(path, session[0], output_format)
+            output.print_detail(path, session_ids[0], output_format)
             return
-        filters = report_filters.build_filters(
-            since=since,
-            until=until,
-            tasks=task,
-            agents=agent,
-            users=user,
-            teams=team,
-            tags=tag,
-            sessions=session,
-            statuses=status,
-            models=model,
-            providers=provider,
+        filters = _filters(
+            since, until, task, agent, user, team, tag, session, status, model, provider
         )
         group_by = report_filters.parse_group_by(by or ["task"])
         output.print_grouped(
@@ -300,6 +292,36 @@ def report(
     except TokencapError as exc:
         stderr_console().print(f"[bold red]tokencap:[/] {exc}")
         raise typer.Exit(exc.exit_code) from None
+
+
+def _filters(
+    since: str | None,
+    until: str | None,
+    task: list[str] | None,
+    agent: list[str] | None,
+    user: list[str] | None,
+    team: list[str] | None,
+    tag: list[str] | None,
+    session: list[str] | None,
+    status: list[str] | None,
+    model: list[str] | None,
+    provider: list[str] | None,
+) -> Filters:
+    from tokencap.report.filters import build_filters
+
+    return build_filters(
+        since=since,
+        until=until,
+        tasks=task,
+        agents=agent,
+        users=user,
+        teams=team,
+        tags=tag,
+        sessions=session,
+        statuses=status,
+        models=model,
+        providers=provider,
+    )
 
 
 def _check_detail_options(*values: object) -> None:
@@ -334,22 +356,11 @@ def sessions(
     A session is stale when it is recorded as running but its tokencap process is gone.
     """
     from tokencap import ledger
-    from tokencap.report import filters as report_filters
     from tokencap.report import output
 
     try:
-        filters = report_filters.build_filters(
-            since=since,
-            until=until,
-            tasks=task,
-            agents=agent,
-            users=user,
-            teams=team,
-            tags=tag,
-            sessions=session,
-            statuses=status,
-            models=model,
-            providers=provider,
+        filters = _filters(
+            since, until, task, agent, user, team, tag, session, status, model, provider
         )
         output.print_sessions(db or ledger.default_path(), filters, output_format, limit or None)
     except TokencapError as exc:

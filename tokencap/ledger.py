@@ -123,21 +123,19 @@ CALL_TOTALS_SUMS = {
     "cost_pico_usd": "COALESCE({row}.cost_pico_usd, 0)",
     "estimated_calls": "COALESCE({row}.cost_estimated, 0) != 0",
 }
-# Call columns that the totals depend on; updates of other columns skip the trigger.
-_CALL_TOTALS_SOURCES = (
-    "session_id",
-    "started_at",
-    "provider",
-    "model",
-    "decision",
+TOKEN_COLUMNS = (
     "input_tokens",
     "cache_read_tokens",
     "cache_write_5m_tokens",
     "cache_write_1h_tokens",
     "output_tokens",
     "reasoning_tokens",
-    "cost_pico_usd",
-    "cost_estimated",
+)
+# Call columns that the totals depend on; updates of other columns skip the trigger.
+_CALL_TOTALS_SOURCES = (
+    *("session_id", "started_at", "provider", "model", "decision"),
+    *TOKEN_COLUMNS,
+    *("cost_pico_usd", "cost_estimated"),
 )
 
 

@@ -248,28 +248,40 @@ def grouped_markdown(report: GroupedReport) -> str:
 # --- Session lists ------------------------------------------------------------------------
 
 
-def sessions_table(sessions: list[dict[str, Any]], title: str) -> Table:
-    """Return sessions as a rich table: state, attribution, calls and cost against caps."""
-    table = Table(title=title, title_justify="left")
+def add_session_columns(table: Table) -> None:
+    """Add the columns that every table of sessions starts with; see `session_cells`."""
     table.add_column("session", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("task")
     table.add_column("agent")
     table.add_column("user")
     table.add_column("calls", justify="right")
-    table.add_column("cost", justify="right")
+    table.add_column("spend", justify="right", no_wrap=True)
+
+
+def session_cells(session: dict[str, Any]) -> list[str | Text]:
+    """Return a session's id, state, attribution, and calls and spend against its caps."""
+    return [
+        session["session_id"],
+        status_text(session),
+        session["task"] or "",
+        session["agent"] or "",
+        session["user"] or "",
+        calls_against_cap(session),
+        cost_against_cap(session),
+    ]
+
+
+def sessions_table(sessions: list[dict[str, Any]], title: str) -> Table:
+    """Return sessions as a rich table: state, attribution, calls and cost against caps."""
+    table = Table(title=title, title_justify="left")
+    add_session_columns(table)
     table.add_column("exit", justify="right")
     table.add_column("started (UTC)", no_wrap=True)
     table.add_column("took", justify="right", no_wrap=True)
     for session in sessions:
         table.add_row(
-            session["session_id"],
-            status_text(session),
-            session["task"] or "",
-            session["agent"] or "",
-            session["user"] or "",
-            calls_against_cap(session),
-            cost_against_cap(session),
+            *session_cells(session),
             "" if session["exit_status"] is None else str(session["exit_status"]),
             when(session["started_at"]),
             "" if session["stale"] else duration(session["started_at"], session["ended_at"]),

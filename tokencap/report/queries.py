@@ -8,14 +8,14 @@ until it is shown.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from tokencap.errors import ConfigError
-from tokencap.ledger import CALL_TOTALS_KEY, CALL_TOTALS_SUMS, Ledger
+from tokencap.ledger import CALL_TOTALS_KEY, CALL_TOTALS_SUMS, TOKEN_COLUMNS, Ledger
 from tokencap.prices import from_pico
 from tokencap.report.filters import (
     Filters,
@@ -27,14 +27,8 @@ from tokencap.report.filters import (
 from tokencap.report.liveness import is_stale, stale_ids
 from tokencap.report.timespec import to_ledger
 
-TOKEN_FIELDS = (
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_5m_tokens",
-    "cache_write_1h_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-)
+# The token counts of the JSON `tokens` object, named as the ledger's columns.
+TOKEN_FIELDS = TOKEN_COLUMNS
 _SUMS = ("calls", "refused_calls", *TOKEN_FIELDS, "cost_pico_usd", "estimated_calls")
 _SUMS_SQL = ", ".join(f"COALESCE(SUM(x.{name}), 0) AS {name}" for name in _SUMS)
 _SESSION_COUNTS_SQL = (
@@ -75,22 +69,6 @@ class Totals:
     @classmethod
     def zero(cls) -> Totals:
         return cls(0, 0, 0, 0, dict.fromkeys(TOKEN_FIELDS, 0), 0, 0)
-
-    @classmethod
-    def add(cls, parts: Iterable[Totals]) -> Totals:
-        """Return the sum of `parts`, counting each part's sessions as different sessions."""
-        total = cls.zero()
-        for part in parts:
-            total = cls(
-                sessions=total.sessions + part.sessions,
-                capped_sessions=total.capped_sessions + part.capped_sessions,
-                calls=total.calls + part.calls,
-                refused_calls=total.refused_calls + part.refused_calls,
-                tokens={name: total.tokens[name] + part.tokens[name] for name in TOKEN_FIELDS},
-                cost_pico_usd=total.cost_pico_usd + part.cost_pico_usd,
-                estimated_calls=total.estimated_calls + part.estimated_calls,
-            )
-        return total
 
     @property
     def cost_usd(self) -> Decimal:
@@ -178,35 +156,41 @@ def grouped_report(
     sort = sort or ("name" if "day" in group_by else "cost")
     order = by_name if sort == "name" else f"{_ORDERS[sort]}, {by_name}"
 
+    # The window count is taken before LIMIT, so it counts every group.
     rows = _rows(
         ledger,
-        f"WITH spans AS ({spans}) SELECT {key_columns}, {_SESSION_COUNTS_SQL}, {_SUMS_SQL} "
-        f"{source} GROUP BY {', '.join(key_names)} ORDER BY {order}",
-        [*spans_params, *key_params, *where_params],
+        f"WITH spans AS ({spans}) SELECT {key_columns}, {_SESSION_COUNTS_SQL}, {_SUMS_SQL}, "
+        f"COUNT(*) OVER () AS group_count {source} GROUP BY {', '.join(key_names)} "
+        f"ORDER BY {order} LIMIT ?",
+        [*spans_params, *key_params, *where_params, top or -1],
     )
     groups = [
         Group({key: row[f"k{i}"] for i, key in enumerate(group_by)}, Totals.from_row(row))
         for row in rows
     ]
 
-    # The sums of the groups are the totals, but a session in several groups is one session.
-    totals = Totals.add(group.totals for group in groups)
-    if any(is_call_key(key) for key in group_by):
-        (counts,) = _rows(
-            ledger,
-            f"WITH spans AS ({spans}) SELECT COUNT(*) AS sessions, "
-            "COUNT(*) FILTER (WHERE p.status = 'capped') AS capped_sessions "
-            f"FROM sessions p WHERE {where} AND p.id IN (SELECT session_id FROM spans)",
-            [*spans_params, *where_params],
-        )
-        totals = replace(totals, **counts)
+    # Totals over every group, not only the --top ones, counting each session once.
+    with_calls = " AND p.id IN (SELECT session_id FROM spans)" if inner else ""
+    (total,) = _rows(
+        ledger,
+        f"""
+        WITH spans AS ({spans}), picked AS (SELECT p.id, p.status FROM sessions p WHERE {where})
+        SELECT
+            (SELECT COUNT(*) FROM picked p WHERE 1 {with_calls}) AS sessions,
+            (SELECT COUNT(*) FROM picked p WHERE p.status = 'capped' {with_calls})
+                AS capped_sessions,
+            {_SUMS_SQL}
+        FROM spans x WHERE x.session_id IN (SELECT id FROM picked)
+        """,
+        [*spans_params, *where_params],
+    )
 
     return GroupedReport(
         group_by=group_by,
         filters=filters,
-        groups=groups[:top] if top else groups,
-        group_count=len(groups),
-        totals=totals,
+        groups=groups,
+        group_count=rows[0]["group_count"] if rows else 0,
+        totals=Totals.from_row(total),
         ledger_empty=not has_sessions(ledger),
     )
 

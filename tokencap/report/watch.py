@@ -20,12 +20,7 @@ from rich.text import Text
 
 from tokencap.ledger import Ledger
 from tokencap.report.filters import Filters
-from tokencap.report.formats import (
-    calls_against_cap,
-    cost_against_cap,
-    duration,
-    status_text,
-)
+from tokencap.report.formats import add_session_columns, duration, session_cells
 from tokencap.report.queries import watched_sessions
 
 _BAR_WIDTH = 10
@@ -92,13 +87,7 @@ def watch_table(sessions: list[dict[str, Any]], now: datetime) -> Table:
         else "No sessions running. Sessions appear here when `tokencap run` starts them.",
         caption_justify="left",
     )
-    table.add_column("session", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("task")
-    table.add_column("agent")
-    table.add_column("user")
-    table.add_column("calls", justify="right")
-    table.add_column("spend", justify="right", no_wrap=True)
+    add_session_columns(table)
     table.add_column("of cap", no_wrap=True)
     table.add_column("last model")
     table.add_column("last call", justify="right", no_wrap=True)
@@ -107,13 +96,7 @@ def watch_table(sessions: list[dict[str, Any]], now: datetime) -> Table:
     for session in sessions:
         active = session["status"] == "running" and not session["stale"]
         table.add_row(
-            session["session_id"],
-            status_text(session),
-            session["task"] or "",
-            session["agent"] or "",
-            session["user"] or "",
-            calls_against_cap(session),
-            cost_against_cap(session),
+            *session_cells(session),
             spend_bar(session),
             session["last_model"] or "",
             _ago(session["last_call_at"], now),
