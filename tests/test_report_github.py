@@ -32,6 +32,10 @@ def test_run_appends_summary(upstream, run_agent, tmp_path):
     assert "### tokencap: gh-task · completed · $0.0204 of $1.00" in text
     assert f"Session `{run.session()['id']}`" in text
     assert "- **tags:** pr=42" in text
+    # The command line can carry a prompt or a credential; it stays out of the summary.
+    assert "sdk\\_agent.py" not in text
+    assert "sdk_agent.py" not in text
+    assert "- **command:**" not in text
     model_rows = [line for line in text.splitlines() if line.startswith(f"| {SONNET} |")]
     assert model_rows == [f"| {SONNET} | 2 | 0 | 12,400 | 680 | $0.0204 |"]
     assert "```text" in text

@@ -24,6 +24,9 @@ from tokencap.report.session_view import (
 
 # A job summary is limited to 1 MiB, and a runaway agent can make thousands of calls.
 _CALLS_LISTED = 50
+# Job summaries are shown to everyone who can read the repository, and a command line can
+# carry a prompt or a credential, so these stay in the ledger.
+_PRIVATE_FACTS = ("command", "directory", "host")
 
 
 def write_github_summary(db_path: Path, session_id: str, summary_path: Path) -> None:
@@ -57,7 +60,7 @@ def write_github_summary(db_path: Path, session_id: str, summary_path: Path) -> 
     sections = [
         headline,
         f"Session `{session_id}`",
-        facts_markdown(detail),
+        facts_markdown(detail, leave_out=_PRIVATE_FACTS),
         "#### Spend by model\n\n" + markdown_table(headers, rows, "lrrrrr") if rows else "",
         prompts_markdown(detail),
         chart_markdown(detail),

@@ -296,10 +296,12 @@ def detail_markdown(detail: SessionDetail) -> str:
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def facts_markdown(detail: SessionDetail) -> str:
-    """Return the session's facts, but its id, as a markdown list."""
+def facts_markdown(detail: SessionDetail, leave_out: tuple[str, ...] = ()) -> str:
+    """Return the session's facts, but its id and the labels in `leave_out`, as a list."""
     return "\n".join(
-        f"- **{label}:** {_markdown_text(value)}" for label, value in facts(detail)[1:]
+        f"- **{label}:** {_markdown_text(value)}"
+        for label, value in facts(detail)[1:]
+        if label not in leave_out
     )
 
 
