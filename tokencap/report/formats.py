@@ -345,7 +345,7 @@ def sessions_csv(sessions: list[dict[str, Any]]) -> str:
 
 
 def sessions_markdown(sessions: list[dict[str, Any]], title: str) -> str:
-    headers = ["session", "status", "task", "agent", "user", "calls", "cost", "started (UTC)"]
+    headers = ["session", "status", "task", "agent", "user", "calls", "spend", "started (UTC)"]
     align = "lllllrrl"
     rows = [
         [

@@ -53,9 +53,7 @@ def print_grouped(
         report = GroupedReport(group_by, filters, [], 0, Totals.zero(), ledger_empty=True)
     else:
         try:
-            if filters.sessions:
-                resolved = tuple(resolve_session(ledger, text) for text in filters.sessions)
-                filters = replace(filters, sessions=resolved)
+            filters = _resolve_sessions(ledger, filters)
             report = grouped_report(ledger, group_by, filters, sort=sort, top=top)
             if output_format == "json":
                 report.sessions = list_sessions(ledger, filters, limit)
@@ -111,9 +109,7 @@ def print_sessions(path: Path, filters: Filters, output_format: str, limit: int 
     empty = True
     if ledger is not None:
         try:
-            if filters.sessions:
-                resolved = tuple(resolve_session(ledger, text) for text in filters.sessions)
-                filters = replace(filters, sessions=resolved)
+            filters = _resolve_sessions(ledger, filters)
             sessions = list_sessions(ledger, filters, limit)
             empty = not has_sessions(ledger)
         finally:
@@ -136,6 +132,13 @@ def print_sessions(path: Path, filters: Filters, output_format: str, limit: int 
                 f"{stale} stale: recorded as running, but the tokencap process is gone "
                 "(killed before it could record the end)"
             )
+
+
+def _resolve_sessions(ledger: Ledger, filters: Filters) -> Filters:
+    """Return `filters` with each --session value replaced by the full id it names."""
+    if not filters.sessions:
+        return filters
+    return replace(filters, sessions=tuple(resolve_session(ledger, s) for s in filters.sessions))
 
 
 def _write(text: str) -> None:
