@@ -33,6 +33,14 @@ one is queued:
   providers don't take each other's. `count_tokens`, model lists and unknown routes never take
   a scripted behaviour.
 
+Requests that ask for JSON output matching a schema (Gemini `responseJsonSchema` or
+`responseSchema`, OpenAI `response_format` or `text.format` of type `json_schema`, Anthropic
+`output_format` or `output_config.format`) get the same replies as any other call, unless
+`up.schema_behavior` is set. Then they get that behaviour with a JSON instance of the schema as
+their text, and take no scripted behaviour. Agents that route or check themselves with such
+calls (Gemini CLI asks for a complexity score before each prompt) then keep working while the
+script drives their main calls.
+
 Usage fields are reported verbatim in each API's own field, and totals are computed the way the
 API computes them:
 
@@ -58,6 +66,21 @@ text is shorter), around the fixed events that each API sends first and last. `d
 pass between consecutive events. `drop_after_events` counts every event written, fixed ones
 included; a `data: [DONE]` line counts as one.
 
+TLS and WebSockets
+------------------
+`TestCA()` makes a throwaway certificate authority in memory, and `ca.issue("api.openai.com")`
+a server certificate for those names. `FakeUpstream(tls=ca.issue(...))` serves HTTPS with it;
+`ca.write(path)` writes the CA certificate for clients to trust. `tls=None` (the default)
+serves plain HTTP as before.
+
+`GET /v1/responses` (or `/responses`) with `Upgrade: websocket` opens a Responses API
+WebSocket. Each `{"type": "response.create", ...}` message the client sends is one model call:
+it takes a behaviour like a `POST /v1/responses` and is answered with the same events as the
+stream, one text message each. A scripted error status is sent as an error event
+`{"type": "error", "status": N, "error": {...}}`. The handshake is logged as a request of route
+`openai.responses_websocket`, and each turn as a model call of route
+`openai.responses_websocket_turn` whose `body` is the message.
+
 What is logged
 --------------
 `up.requests` is a snapshot list of `RequestRecord`, one per HTTP request in arrival order, and
@@ -69,14 +92,21 @@ return before that, so call `record.wait()` or `up.wait_for_requests(n)` before 
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import datetime
 import gzip
+import hashlib
 import json
 import logging
 import re
 import select
 import socket
 import socketserver
+import ssl
+import struct
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -85,6 +115,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -99,6 +130,8 @@ __all__ = [
     "Behavior",
     "FakeUpstream",
     "RequestRecord",
+    "ServerCertificate",
+    "TestCA",
 ]
 
 API_ANTHROPIC = "anthropic"
@@ -116,6 +149,8 @@ ROUTE_GEMINI_STREAM = "gemini.stream_generate_content"
 ROUTE_GEMINI_COUNT_TOKENS = "gemini.count_tokens"
 ROUTE_MODELS = "models"
 ROUTE_GEMINI_MODELS = "gemini.models"
+ROUTE_RESPONSES_WEBSOCKET = "openai.responses_websocket"
+ROUTE_RESPONSES_WEBSOCKET_TURN = "openai.responses_websocket_turn"
 ROUTE_ROOT = "root"
 ROUTE_NOT_FOUND = "not_found"
 
@@ -126,6 +161,7 @@ INFERENCE_ROUTES = frozenset(
         ROUTE_OPENAI_RESPONSES,
         ROUTE_GEMINI_GENERATE,
         ROUTE_GEMINI_STREAM,
+        ROUTE_RESPONSES_WEBSOCKET_TURN,
     }
 )
 
@@ -263,6 +299,8 @@ class RequestRecord:
     # Model named by the request: the body's `model`, or the Gemini path segment.
     model: str | None = None
     behavior: Behavior | None = None
+    # The request asked for JSON matching a schema and got `schema_behavior` with an instance.
+    schema_reply: bool = False
     status: int | None = None
     # Value of the `request-id` (Anthropic) or `x-request-id` (OpenAI) response header.
     request_id: str | None = None
@@ -655,6 +693,14 @@ def _responses_response(call: _Call) -> dict[str, Any]:
 
 
 def _responses_stream(call: _Call) -> list[bytes]:
+    return [
+        _sse(payload, payload["type"], crlf=call.behavior.crlf)
+        for payload in _responses_events(call)
+    ]
+
+
+def _responses_events(call: _Call) -> list[dict[str, Any]]:
+    """Return the Responses API stream events, numbered, as JSON objects."""
     behavior = call.behavior
     created_at = int(time.time())
     item_id = _new_id("fc_" if behavior.tool_loop else "msg_")
@@ -702,10 +748,7 @@ def _responses_stream(call: _Call) -> list[bytes]:
     final = _response_object(call, created_at, [done_item], done=True)
     add("response.completed", response=final)
 
-    return [
-        _sse({**payload, "sequence_number": number}, payload["type"], crlf=behavior.crlf)
-        for number, payload in enumerate(payloads)
-    ]
+    return [{**payload, "sequence_number": number} for number, payload in enumerate(payloads)]
 
 
 # Gemini ---------------------------------------------------------------------------------------
@@ -862,14 +905,47 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
+_WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_OP_TEXT = 0x1
+_OP_CLOSE = 0x8
+_OP_PING = 0x9
+_OP_PONG = 0xA
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """Frame one unmasked, unfragmented WebSocket message, as a server sends it."""
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return head + payload
+
+
+def _text_frame(payload: Any) -> bytes:
+    return _frame(_OP_TEXT, _json_bytes(payload))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     # Stop joins handler threads itself, with a deadline, after closing their sockets.
     block_on_close = False
 
-    def __init__(self, port: int, fake: FakeUpstream) -> None:
+    def __init__(self, port: int, fake: FakeUpstream, tls: ServerCertificate | None) -> None:
         self.fake = fake
+        self.tls_context = tls.server_context() if tls else None
         super().__init__(("127.0.0.1", port), _Handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, address = super().get_request()
+        if self.tls_context is not None:
+            # The handshake runs in the handler's thread, so a slow client blocks nobody else.
+            connection = self.tls_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False
+            )
+        return connection, address
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks up the host's FQDN, which may send a DNS query. The
@@ -881,6 +957,10 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         if self.fake.stopping:
             return
+        if isinstance(sys.exc_info()[1], ssl.SSLError):
+            # A client that does not trust the test CA ends the handshake; that is its right.
+            logger.debug("fake upstream: TLS handshake with %s failed", client_address)
+            return
         logger.exception("fake upstream: request handler failed for client %s", client_address)
 
 
@@ -890,6 +970,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(SOCKET_TIMEOUT)
+            self.request.do_handshake()
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.fake._register_connection(self.connection)
@@ -1000,6 +1083,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, {"input_tokens": fake.default.input_tokens})
         elif route == ROUTE_GEMINI_COUNT_TOKENS:
             self._send_json(200, {"totalTokens": fake.default.input_tokens})
+        elif route == ROUTE_RESPONSES_WEBSOCKET:
+            self._serve_websocket(record)
         elif route == ROUTE_NOT_FOUND:
             message = f"no route for {record.method} {record.path} on the fake upstream"
             self._send_body(404, _error_body(API_OPENAI_CHAT, 404, message), "application/json")
@@ -1014,7 +1099,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_body(400, _error_body(api, 400, message), "application/json")
             return
 
-        behavior = self.server.fake._take_behavior(api)
+        schema = _requested_schema(api, record.body)
+        schema_behavior = self.server.fake.schema_behavior
+        if schema is not None and schema_behavior is not None:
+            text = json.dumps(_schema_instance(schema))
+            behavior = replace(schema_behavior, text=text, tool_loop=False)
+            record.schema_reply = True
+        else:
+            behavior = self.server.fake._take_behavior(api)
         record.behavior = behavior
         record.stream = _is_stream_request(record)
         self._gzip = behavior.gzip and _accepts_gzip(record.headers.get("accept-encoding", ""))
@@ -1051,6 +1143,130 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             events = _garbled_stream(call) if behavior.garbled else _stream_events(call)
             self._send_stream(events, "text/event-stream; charset=utf-8", headers)
+
+    # WebSocket -----------------------------------------------------------------------------
+
+    def _serve_websocket(self, record: RequestRecord) -> None:
+        key = self.headers.get("Sec-WebSocket-Key")
+        if self.headers.get("Upgrade", "").lower() != "websocket" or not key:
+            message = f"no route for {record.method} {record.path} on the fake upstream"
+            self._send_body(404, _error_body(API_OPENAI_CHAT, 404, message), "application/json")
+            return
+        accept = base64.b64encode(hashlib.sha1((key + _WEBSOCKET_GUID).encode()).digest())
+        record.status = 101
+        try:
+            self.send_response(101)
+            self.send_header("Upgrade", "websocket")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Sec-WebSocket-Accept", accept.decode())
+            self.end_headers()
+            self.wfile.flush()
+        except OSError as error:
+            raise _ClientGone from error
+        self.close_connection = True
+        while True:
+            try:
+                opcode, payload = self._read_frame()
+            except (OSError, ValueError, struct.error) as error:
+                raise _ClientGone from error
+            if opcode == _OP_CLOSE:
+                self._write(_frame(_OP_CLOSE, payload[:2]))
+                record.completed = True
+                return
+            if opcode == _OP_PING:
+                self._write(_frame(_OP_PONG, payload))
+            elif opcode == _OP_TEXT:
+                self._websocket_turn(record, payload.decode("utf-8", errors="replace"))
+
+    def _read_frame(self) -> tuple[int, bytes]:
+        """Read one whole client message (continuation frames joined) and its opcode."""
+        opcode = None
+        payload = bytearray()
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                raise ConnectionError("the client closed the WebSocket connection")
+            final, frame_opcode = head[0] & 0x80, head[0] & 0x0F
+            length = head[1] & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self.rfile.read(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self.rfile.read(8))[0]
+            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = self.rfile.read(length)
+            unmasked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(data))
+            if frame_opcode >= 0x8:
+                return frame_opcode, unmasked  # control frames are never fragmented
+            opcode = frame_opcode if opcode is None else opcode
+            payload += unmasked
+            if final:
+                return opcode, bytes(payload)
+
+    def _websocket_turn(self, handshake: RequestRecord, text: str) -> None:
+        """Answer one response.create message with the events of a Responses stream."""
+        fake = self.server.fake
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(message, dict) or message.get("type") != "response.create":
+            return
+        body = {k: v for k, v in message.items() if k != "type"}
+        turn = RequestRecord(
+            method="WS",
+            path=handshake.path,
+            query={},
+            headers=handshake.headers,
+            body=message,
+            raw_body=text.encode(),
+            route=ROUTE_RESPONSES_WEBSOCKET_TURN,
+            api=API_OPENAI_RESPONSES,
+            stream=True,
+            model=body.get("model") if isinstance(body.get("model"), str) else None,
+        )
+        fake._add_record(turn)
+        behavior = fake._take_behavior(API_OPENAI_RESPONSES)
+        turn.behavior = behavior
+        call = _Call(
+            api=API_OPENAI_RESPONSES,
+            behavior=behavior,
+            body=body,
+            model=turn.model or "unknown-model",
+            stream=True,
+            response_id=_new_response_id(API_OPENAI_RESPONSES),
+        )
+        turn.response_id = call.response_id
+        try:
+            if behavior.response_delay:
+                self._wait_between_events(behavior.response_delay)
+            turn.status = behavior.status
+            if behavior.status != 200:
+                text = f"fake upstream error {behavior.status} scripted by the test"
+                error = json.loads(
+                    _error_body(API_OPENAI_RESPONSES, behavior.status, text, behavior.error_type)
+                )["error"]
+                event = {"type": "error", "status": behavior.status, "error": error}
+                self._write(_text_frame(event))
+            else:
+                events = _responses_events(call)
+                for position, event in enumerate(events):
+                    drop_after = behavior.drop_after_events
+                    if drop_after is not None and position >= drop_after:
+                        self._drop_connection()
+                    self._write(_text_frame(event))
+                    turn.events_sent += 1
+                    if position < len(events) - 1:
+                        self._wait_between_events(behavior.event_delay)
+            turn.completed = True
+        except _ClientGone:
+            turn.disconnected = not fake.stopping
+            raise
+        except _Dropped:
+            turn.dropped = True
+            raise
+        finally:
+            turn.ended = time.monotonic()
+            turn.finished.set()
 
     # Response writing --------------------------------------------------------------------
 
@@ -1169,6 +1385,10 @@ class _Handler(BaseHTTPRequestHandler):
         With seconds=0 it only checks, so a client that left is noticed even on a fast stream
         rather than at the next write, which the kernel may still accept.
         """
+        if isinstance(self.connection, ssl.SSLSocket):
+            # A TLS socket cannot peek, so a client that left is noticed at the next write.
+            time.sleep(seconds)
+            return
         deadline = time.monotonic() + seconds
         while True:
             remaining = max(0.0, deadline - time.monotonic())
@@ -1191,6 +1411,8 @@ def _match_route(method: str, path: str, body: Any) -> tuple[str, str | None, st
     body_model = body.get("model") if isinstance(body, dict) else None
     if method in ("HEAD", "GET") and path == "/":
         return ROUTE_ROOT, None, None
+    if method == "GET" and path in ("/v1/responses", "/responses"):
+        return ROUTE_RESPONSES_WEBSOCKET, None, None
     if method == "GET" and path == "/v1/models":
         return ROUTE_MODELS, None, None
     if method == "GET" and _GEMINI_MODELS_LIST.match(path):
@@ -1215,6 +1437,83 @@ def _match_route(method: str, path: str, body: Any) -> tuple[str, str | None, st
             route, api = routes[match["method"]]
             return route, api, model
     return ROUTE_NOT_FOUND, None, None
+
+
+def _requested_schema(api: str, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Return the JSON schema a request wants its output to match, or None."""
+    if api == API_GEMINI:
+        config = body.get("generationConfig") or body.get("generation_config")
+        if not isinstance(config, dict):
+            return None
+        schema = config.get("responseJsonSchema") or config.get("responseSchema")
+        return schema if isinstance(schema, dict) else None
+
+    if api == API_OPENAI_CHAT:
+        form = body.get("response_format")
+        inner = form.get("json_schema") if isinstance(form, dict) else None
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        return schema if isinstance(schema, dict) else None
+
+    if api == API_OPENAI_RESPONSES:
+        text = body.get("text")
+        form = text.get("format") if isinstance(text, dict) else None
+    else:
+        form = body.get("output_format")
+        config = body.get("output_config")
+        if form is None and isinstance(config, dict):
+            form = config.get("format")
+    if not isinstance(form, dict) or form.get("type") != "json_schema":
+        return None
+    schema = form.get("schema")
+    return schema if isinstance(schema, dict) else None
+
+
+def _schema_instance(schema: Mapping[str, Any], depth: int = 0) -> Any:
+    """Return a small value that matches a JSON schema, or a Gemini schema with upper-case
+    types: the first enum value or const, every required property, one item per array."""
+    if depth > 20:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if isinstance(options, list) and options and isinstance(options[0], dict):
+            return _schema_instance(options[0], depth + 1)
+
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    kind = str(kind).lower() if kind is not None else None
+    if kind is None:
+        kind = "object" if "properties" in schema else "string"
+
+    if kind == "object":
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(properties)
+        return {
+            name: _schema_instance(properties.get(name) or {}, depth + 1)
+            for name in names
+            if isinstance(name, str)
+        }
+    if kind == "array":
+        items = schema.get("items")
+        count = max(1, int(schema.get("minItems") or 0))
+        item = _schema_instance(items, depth + 1) if isinstance(items, dict) else "item"
+        return [item] * count
+    if kind in ("integer", "number"):
+        value = schema.get("minimum", 1)
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return "fake upstream"
 
 
 def _is_stream_request(record: RequestRecord) -> bool:
@@ -1298,6 +1597,141 @@ def _gemini_models_list(behavior: Behavior) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# TLS
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerCertificate:
+    """A server certificate and its key, issued by a `TestCA`, in PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+    def server_context(self) -> ssl.SSLContext:
+        """Return a TLS server context that presents this certificate."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        with tempfile.TemporaryDirectory() as directory:
+            cert_file = Path(directory) / "cert.pem"
+            key_file = Path(directory) / "key.pem"
+            cert_file.write_bytes(self.cert_pem)
+            key_file.write_bytes(self.key_pem)
+            context.load_cert_chain(cert_file, key_file)
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the certificate, as hex, to compare with what a client saw."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
+        return x509.load_pem_x509_certificate(self.cert_pem).fingerprint(hashes.SHA256()).hex()
+
+
+class TestCA:
+    """A throwaway certificate authority that issues server certificates for tests."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(self, name: str = "fakeupstream test CA") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        self._cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+
+    @property
+    def cert_pem(self) -> bytes:
+        """The CA certificate in PEM, for clients to trust."""
+        from cryptography.hazmat.primitives import serialization
+
+        return self._cert.public_bytes(serialization.Encoding.PEM)
+
+    def write(self, path: Path | str) -> Path:
+        """Write the CA certificate to `path` and return the path."""
+        path = Path(path)
+        path.write_bytes(self.cert_pem)
+        return path
+
+    def issue(self, *names: str) -> ServerCertificate:
+        """Issue a server certificate for host names or IP addresses, 127.0.0.1 by default."""
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        names = names or ("127.0.0.1",)
+        alternatives: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alternatives.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alternatives.append(x509.DNSName(name))
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=10))
+            .add_extension(x509.SubjectAlternativeName(alternatives), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return ServerCertificate(
+            cert.public_bytes(serialization.Encoding.PEM), key_pem, self.cert_pem
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Public server
 # ---------------------------------------------------------------------------------------------
 
@@ -1306,14 +1740,25 @@ class FakeUpstream:
     """A fake Anthropic, OpenAI and Gemini server on 127.0.0.1, scripted per model call.
 
     Pass a `Behavior`, or its fields as keywords, to set the default behaviour. `port=0` picks
-    a free port.
+    a free port. `schema_behavior` answers calls that ask for schema-shaped JSON (see above).
     """
 
-    def __init__(self, default: Behavior | None = None, *, port: int = 0, **behavior_fields: Any):
+    def __init__(
+        self,
+        default: Behavior | None = None,
+        *,
+        port: int = 0,
+        tls: ServerCertificate | None = None,
+        schema_behavior: Behavior | None = None,
+        **behavior_fields: Any,
+    ):
         if default is not None and behavior_fields:
             raise TypeError("pass either a default Behavior or Behavior fields, not both")
         self.default: Behavior = default or Behavior(**behavior_fields)
+        # When set, calls that ask for schema-shaped JSON get this behaviour, outside the script.
+        self.schema_behavior: Behavior | None = schema_behavior
         self._port = port
+        self.tls = tls
         self._lock = threading.Lock()
         self._records: list[RequestRecord] = []
         self._queue: deque[tuple[str | None, Behavior]] = deque()
@@ -1329,7 +1774,7 @@ class FakeUpstream:
         if self._server is not None:
             raise RuntimeError("the fake upstream is already running")
         self._stopping.clear()
-        self._server = _Server(self._port, self)
+        self._server = _Server(self._port, self, self.tls)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -1380,8 +1825,8 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        """Base URL, `http://127.0.0.1:PORT`, with no trailing slash."""
-        return f"http://127.0.0.1:{self.port}"
+        """Base URL, `http://127.0.0.1:PORT` (`https://` with TLS), with no trailing slash."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def stopping(self) -> bool:

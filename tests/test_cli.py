@@ -18,8 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TOKENCAP, query
+from tests.conftest import SDK_AGENT, TOKENCAP, query
 from tests.fakeupstream import Behavior
+from tokencap.errors import EXIT_CAPPED
 from tokencap.ledger import Ledger
 
 pytestmark = pytest.mark.slow
@@ -101,6 +102,15 @@ def without_ci(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith(CI_PREFIXES)}
 
 
+def wait_for_lines(path: Path, count: int, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait until the file has at least `count` lines."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() or len(path.read_text().splitlines()) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not reach {count} lines within {timeout} s")
+        time.sleep(0.05)
+
+
 def wait_for_file(path: Path, timeout: float = STARTUP_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -140,6 +150,12 @@ USAGE_ERRORS = {
     "max-calls-zero": (["--max-calls", "0"], ["--max-calls", "0"]),
     "grace-negative": (["--grace", "-1"], ["--grace", "-1"]),
     "tag-without-value": (["--tag", "novalue"], ["--tag", "'novalue'"]),
+    "max-usd-infinite": (["--max-usd", "inf"], ["--max-usd", "'inf'", "finite"]),
+    "max-usd-too-precise": (["--max-usd", "1e-400"], ["--max-usd", "picodollars"]),
+    "max-calls-not-a-number": (["--max-calls", "abc"], ["--max-calls", "'abc'"]),
+    "grace-nan": (["--grace", "nan"], ["--grace", "'nan'"]),
+    "grace-infinite": (["--grace", "inf"], ["--grace", "'inf'"]),
+    "grace-too-long": (["--grace", "1e308"], ["--grace", "'1e308'"]),
 }
 
 
@@ -165,6 +181,56 @@ def test_missing_command_exits_2(args, tokencap_env):
     assert result.returncode == 2
     assert "Missing argument" in result.stderr
     assert_nothing_run(Path(tokencap_env["TOKENCAP_DB"]))
+
+
+def test_unknown_option_named(run_tokencap, tmp_path):
+    marker = tmp_path / "agent-ran"
+
+    run = run_tokencap(["--max-usb", "5"], [sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
+
+    assert run.exit_code == 2
+    assert "No such option" in run.stderr
+    assert "--max-usb" in run.stderr
+    assert not marker.exists()
+
+
+def test_max_usd_stored_plain(run_tokencap):
+    run = run_tokencap(["--max-usd", "1e3"], ["true"])
+
+    assert run.exit_code == 0, run.stderr
+    assert run.session()["max_usd"] == "1000"
+
+
+def test_db_directory_rejected(run_tokencap, tmp_path):
+    run = run_tokencap(["--db", str(tmp_path)], ["true"])
+
+    assert run.exit_code == 2
+    assert f"the ledger path {tmp_path} is a directory" in run.stderr
+
+
+def test_unwritable_data_dir_named(run_tokencap, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data directory should be")
+
+    run = run_tokencap([], ["true"], XDG_DATA_HOME=str(blocker))
+
+    assert run.exit_code == 2
+    assert "cannot write the log file" in run.stderr
+    assert f"cannot create the CA directory {blocker}/tokencap/ca" in run.stderr
+    assert "XDG_DATA_HOME" in run.stderr
+
+
+def test_unreachable_upstream_named(run_agent, upstream):
+    closed_port = upstream.port
+    upstream.stop()
+
+    run = run_agent([], "--api", "anthropic", ANTHROPIC_BASE_URL=f"http://127.0.0.1:{closed_port}")
+
+    assert run.exit_code == 1
+    assert f"calls could not reach http://127.0.0.1:{closed_port}" in run.stderr
+    (call,) = run.calls()
+    assert call["status"] == "dropped"
+    assert call["cost_usd"] == "0"
 
 
 def test_unknown_command_exits_2(run_tokencap):
@@ -437,6 +503,34 @@ def test_signal_reaches_child(sig, tokencap_env, tmp_path):
     assert marker.read_text() == sig.name
     (session,) = query(tmp_path / "ledger.db", "SELECT * FROM sessions")
     assert session["exit_status"] == 5
+
+
+def test_second_signal_skips_grace(upstream, tokencap_env, tmp_path):
+    out = tmp_path / "agent.jsonl"
+    agent = [sys.executable, str(SDK_AGENT), "--out", str(out), "--api", "anthropic"]
+    agent += ["--calls", "2", "--keep-going", "--ignore-sigterm"]
+    process = subprocess.Popen(
+        [str(TOKENCAP), "run", "--max-calls", "1", "--grace", "250", "--", *agent],
+        env=tokencap_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The second call is refused, which starts the stop; the agent ignores SIGTERM.
+        wait_for_lines(out, 2)
+        os.kill(process.pid, signal.SIGTERM)
+        # Without the second signal, the stop would wait the whole 250 s grace period.
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    assert process.returncode == EXIT_CAPPED, stderr
+    (session,) = query(tmp_path / "ledger.db", "SELECT * FROM sessions")
+    assert session["end_reason"] == "max_calls"
 
 
 def test_successful_run_is_quiet(upstream, run_tokencap, tmp_path):

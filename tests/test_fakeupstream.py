@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import anthropic
@@ -28,6 +29,7 @@ from tests.fakeupstream import (
     API_OPENAI_CHAT,
     Behavior,
     FakeUpstream,
+    _schema_instance,
     _split_event,
 )
 
@@ -70,6 +72,7 @@ def up(shared_upstream: FakeUpstream) -> FakeUpstream:
     """Return the shared server with no records, no queued behaviours and the USAGE default."""
     shared_upstream.clear()
     shared_upstream.default = Behavior(**USAGE)
+    shared_upstream.schema_behavior = None
     return shared_upstream
 
 
@@ -1161,3 +1164,145 @@ def test_slow_raises_events_and_delay() -> None:
     assert behavior.stream_events >= 400
     assert behavior.event_delay >= 0.05
     assert Behavior(events=3).stream_events == 3
+
+
+# Schema-shaped JSON ---------------------------------------------------------------------------
+
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {"reason": {"type": "string"}, "score": {"type": "integer", "minimum": 1}},
+    "required": ["reason", "score"],
+}
+SCHEMA_USAGE = Behavior(input_tokens=7, output_tokens=3)
+
+
+def test_schema_reply_gemini_router(up: FakeUpstream, gemini_client: genai.Client) -> None:
+    up.schema_behavior = SCHEMA_USAGE
+    up.script(Behavior(text="main answer"))
+    # Gemini CLI writes its schema with Gemini's upper-case type names.
+    schema = {
+        "type": "OBJECT",
+        "properties": {"reason": {"type": "STRING"}, "score": {"type": "INTEGER"}},
+        "required": ["reason", "score"],
+    }
+    config = genai_types.GenerateContentConfig(
+        response_mime_type="application/json", response_json_schema=schema
+    )
+
+    response = gemini_client.models.generate_content(
+        model="gemini-test", contents="rate this", config=config
+    )
+
+    assert json.loads(response.text) == {"reason": "fake upstream", "score": 1}
+    assert response.usage_metadata.prompt_token_count == 7
+    assert response.usage_metadata.candidates_token_count == 3
+    (record,) = up.inference_requests()
+    assert record.schema_reply
+    assert up.pending() == 1
+
+
+def test_schema_reply_leaves_script_for_main_calls(
+    up: FakeUpstream, gemini_client: genai.Client
+) -> None:
+    up.schema_behavior = SCHEMA_USAGE
+    up.script(Behavior(text="main answer"))
+    config = genai_types.GenerateContentConfig(
+        response_mime_type="application/json", response_json_schema=SCORE_SCHEMA
+    )
+
+    gemini_client.models.generate_content(model="gemini-test", contents="rate", config=config)
+    response = gemini_client.models.generate_content(model="gemini-test", contents="answer")
+
+    assert response.text == "main answer"
+    assert [r.schema_reply for r in up.inference_requests()] == [True, False]
+
+
+def test_schema_reply_openai_chat(up: FakeUpstream, openai_client: openai.OpenAI) -> None:
+    up.schema_behavior = SCHEMA_USAGE
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCORE_SCHEMA}}
+
+    completion = openai_client.chat.completions.create(
+        model="gpt-test", messages=PROMPT, response_format=response_format
+    )
+
+    assert json.loads(completion.choices[0].message.content) == {
+        "reason": "fake upstream",
+        "score": 1,
+    }
+    assert completion.usage.prompt_tokens == 7
+
+
+def test_schema_reply_openai_responses(up: FakeUpstream, openai_client: openai.OpenAI) -> None:
+    up.schema_behavior = SCHEMA_USAGE
+    text = {"format": {"type": "json_schema", "name": "s", "schema": SCORE_SCHEMA}}
+
+    response = openai_client.responses.create(model="gpt-test", input="rate", text=text)
+
+    assert json.loads(response.output_text) == {"reason": "fake upstream", "score": 1}
+    assert response.usage.output_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        {"output_format": {"type": "json_schema", "schema": SCORE_SCHEMA}},
+        {"output_config": {"format": {"type": "json_schema", "schema": SCORE_SCHEMA}}},
+    ],
+)
+def test_schema_reply_anthropic(up: FakeUpstream, field: dict[str, Any]) -> None:
+    up.schema_behavior = SCHEMA_USAGE
+    payload = {"model": "claude-test", "max_tokens": 50, "messages": PROMPT, **field}
+
+    _, body = post_json(up.url + "/v1/messages", payload)
+
+    message = json.loads(body)
+    assert json.loads(message["content"][0]["text"]) == {"reason": "fake upstream", "score": 1}
+    assert message["usage"]["input_tokens"] == 7
+
+
+def test_schema_request_without_schema_behavior(
+    up: FakeUpstream, openai_client: openai.OpenAI
+) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCORE_SCHEMA}}
+
+    completion = openai_client.chat.completions.create(
+        model="gpt-test", messages=PROMPT, response_format=response_format
+    )
+
+    assert completion.choices[0].message.content == Behavior().text
+    assert not up.inference_requests()[0].schema_reply
+
+
+def test_schema_reply_ignores_tool_loop(up: FakeUpstream, openai_client: openai.OpenAI) -> None:
+    up.schema_behavior = replace(SCHEMA_USAGE, tool_loop=True)
+    text = {"format": {"type": "json_schema", "name": "s", "schema": SCORE_SCHEMA}}
+
+    response = openai_client.responses.create(model="gpt-test", input="rate", text=text)
+
+    assert json.loads(response.output_text)["score"] == 1
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        ({"type": "STRING", "enum": ["low", "high"]}, "low"),
+        ({"const": 3}, 3),
+        ({"type": "number", "minimum": 0.5}, 0.5),
+        ({"type": ["null", "boolean"]}, False),
+        ({"type": "array", "items": {"type": "integer"}, "minItems": 2}, [1, 1]),
+        ({"anyOf": [{"type": "integer"}, {"type": "string"}]}, 1),
+        (
+            {
+                "properties": {"a": {"type": "string"}, "b": {"type": "integer"}},
+                "required": ["b"],
+            },
+            {"b": 1},
+        ),
+        (
+            {"type": "object", "properties": {"nested": SCORE_SCHEMA}},
+            {"nested": {"reason": "fake upstream", "score": 1}},
+        ),
+    ],
+)
+def test_schema_instance(schema: dict[str, Any], expected: Any) -> None:
+    assert _schema_instance(schema) == expected

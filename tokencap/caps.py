@@ -47,9 +47,9 @@ class Budget:
             if worst_case > self.max_usd:
                 return self.trip(
                     "max_usd",
-                    f"dollar cap reached: ${_money(self.spent_usd)} spent, "
-                    f"${_money(self.reserved_usd)} in flight, next call estimated at "
-                    f"${_money(estimate_usd)}, cap ${_money(self.max_usd)}",
+                    f"dollar cap reached: ${money(self.spent_usd)} spent, "
+                    f"${money(self.reserved_usd)} in flight, next call estimated at "
+                    f"${money(estimate_usd)}, cap ${money(self.max_usd)}",
                 )
         self.calls += 1
         self._in_flight[key] = estimate_usd
@@ -66,8 +66,8 @@ class Budget:
         if self.max_usd is not None and self.spent_usd + self.reserved_usd > self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached mid-stream: ${_money(self.spent_usd + self.reserved_usd)}"
-                f" of ${_money(self.max_usd)}",
+                f"dollar cap reached mid-stream: ${money(self.spent_usd + self.reserved_usd)}"
+                f" of ${money(self.max_usd)}",
             )
         return None
 
@@ -78,7 +78,7 @@ class Budget:
         if self.max_usd is not None and self.spent_usd >= self.max_usd:
             return self.trip(
                 "max_usd",
-                f"dollar cap reached: ${_money(self.spent_usd)} of ${_money(self.max_usd)} spent",
+                f"dollar cap reached: ${money(self.spent_usd)} of ${money(self.max_usd)} spent",
             )
         return None
 
@@ -89,7 +89,7 @@ class Budget:
         return self.tripped
 
 
-def _money(amount: Decimal) -> str:
+def money(amount: Decimal) -> str:
     """Format dollars with cents, and more digits only where they matter."""
     if amount == amount.quantize(Decimal("0.01")):
         return f"{amount:.2f}"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tokencap import __version__
+from tokencap.caps import money
 from tokencap.console import stderr_console
-from tokencap.errors import EXIT_INTERNAL, ConfigError, TokencapError
+from tokencap.errors import EXIT_INTERNAL, EXIT_USAGE, ConfigError, TokencapError
 
 if TYPE_CHECKING:
     from tokencap.report.filters import Filters
@@ -54,7 +56,8 @@ def main_options(
 
 
 @app.command(
-    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+    # Options end at the command's name, so the command's own options are never parsed here.
+    context_settings={"allow_interspersed_args": False},
 )
 def run(
     command: Annotated[
@@ -81,12 +84,16 @@ def run(
         str | None, typer.Option(help="Dollar cap for this run, such as 5 or 0.50.", metavar="USD")
     ] = None,
     max_calls: Annotated[
-        int | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
+        str | None, typer.Option(help="Maximum number of model calls sent upstream.", metavar="N")
     ] = None,
     grace: Annotated[
-        float,
-        typer.Option(help="Seconds between SIGTERM and SIGKILL when stopping.", metavar="SECONDS"),
-    ] = 2.0,
+        str,
+        typer.Option(
+            help="Seconds between SIGTERM and SIGKILL when stopping (default 2).",
+            metavar="SECONDS",
+            show_default=False,
+        ),
+    ] = "2",
     db: DbOption = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each call on stderr while it runs.")
@@ -113,8 +120,8 @@ def run(
             team=team,
             tags=attribution.parse_tags(tag or []),
             max_usd=_parse_usd(max_usd),
-            max_calls=_positive_int(max_calls, "--max-calls"),
-            grace=_non_negative(grace, "--grace"),
+            max_calls=_parse_max_calls(max_calls),
+            grace=_parse_grace(grace),
         )
         runner.log_to_file(verbose)
         result = runner.run(options)
@@ -213,7 +220,7 @@ ProviderFilter = Annotated[
     list[str] | None,
     typer.Option(
         "--provider",
-        help="Only calls to this provider: anthropic, openai or gemini.",
+        help="Only calls to this provider, such as anthropic, openai or gemini; repeatable.",
         metavar="NAME",
     ),
 ]
@@ -423,7 +430,9 @@ def watch(
 @app.command()
 def demo(
     db: DbOption = None,
-    max_usd: Annotated[str, typer.Option(help="Dollar cap for the demo run.")] = "0.05",
+    max_usd: Annotated[
+        str, typer.Option(help="Dollar cap for the demo run.", metavar="USD")
+    ] = "0.05",
 ) -> None:
     """Run a small example agent against a built-in simulated provider, under a cap.
 
@@ -497,6 +506,43 @@ def simulate(
             console.print(f"Simulated provider stopped after {simulator.inference_requests} calls.")
 
 
+@app.command()
+def agents(
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """List the agent profiles: how tokencap meters each known agent without changing it.
+
+    The profile is picked from the command's name; any other command gets the generic one.
+    """
+    from tokencap import agents as agents_module
+
+    if output_format not in ("table", "json"):
+        stderr_console().print(
+            f"[bold red]tokencap:[/] invalid --format {output_format!r}: use table or json"
+        )
+        raise typer.Exit(EXIT_USAGE)
+    profiles = agents_module.listing()
+    if output_format == "json":
+        import json
+
+        sys.stdout.write(json.dumps({"profiles": profiles}, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    width = None if sys.stdout.isatty() else 200
+    table = Table("profile", "commands", "base URLs set", "refusal", "summary")
+    for profile in profiles:
+        table.add_row(
+            profile["name"],
+            ", ".join(profile["commands"]) or "(any other)",
+            ", ".join(profile["base_url_variables"]) or "(none)",
+            profile["refusal"],
+            profile["summary"],
+        )
+    Console(width=width).print(table)
+
+
 def print_run_result(result: RunResult, verbose: bool = False) -> None:
     """Print the end of a run on stderr: the cap line, unknown prices, or with verbose a summary."""
     console = stderr_console()
@@ -505,16 +551,28 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
             f"[yellow]tokencap:[/] no price is known for {provider} model {model!r}; its calls "
             f"were charged at the highest {provider} rates and flagged as estimated"
         )
+    for upstream, error in sorted(result.unreachable.items()):
+        console.print(
+            f"[yellow]tokencap:[/] calls could not reach {upstream}: {error}; check the "
+            "base-URL variable tokencap was started with"
+        )
+    if result.unmetered:
+        console.print(
+            "[yellow]tokencap:[/] model-API traffic reached upstream without being metered; "
+            "add its hosts to the intercepted hosts if it should count:"
+        )
+        for line in result.unmetered:
+            console.print(f"  {line}")
     if result.refusal is not None:
         stopped = result.stop.signalled if result.stop else 0
         console.print(
-            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: "
-            f"${result.spent_usd} spent, {_count(result.calls, 'call')}, "
+            f"[bold red]tokencap:[/] stopped by {result.refusal.cap}: {result.refusal.message}; "
+            f"{_count(result.calls, 'call')} sent, "
             f"{_count(stopped, 'process', 'processes')} stopped (session {result.session_id})"
         )
     elif verbose:
         console.print(
-            f"tokencap: session {result.session_id} ended: ${result.spent_usd} spent, "
+            f"tokencap: session {result.session_id} ended: ${money(result.spent_usd)} spent, "
             f"{_count(result.calls, 'call')}, exit status {result.exit_code}"
         )
 
@@ -547,21 +605,48 @@ def _parse_usd(value: str | None) -> Decimal | None:
         raise ConfigError(
             f"invalid --max-usd {value!r}: expected dollars, such as 5 or 0.50"
         ) from None
-    if not amount.is_finite() or amount <= 0:
+    if not amount.is_finite():
+        raise ConfigError(f"invalid --max-usd {value!r}: expected a finite amount, such as 5")
+    if amount <= 0:
         raise ConfigError(f"invalid --max-usd {value!r}: the cap must be more than 0")
-    return amount
+    if amount != amount.quantize(Decimal("1e-12"), rounding=ROUND_DOWN):
+        raise ConfigError(
+            f"invalid --max-usd {value!r}: tokencap counts in picodollars, 12 decimal places"
+        )
+    # Store and print the cap in plain notation: 1E+3 becomes 1000.
+    return Decimal(format(amount.normalize(), "f"))
 
 
-def _positive_int(value: int | None, name: str) -> int | None:
-    if value is not None and value < 1:
-        raise ConfigError(f"invalid {name} {value}: it must be at least 1")
-    return value
+def _parse_max_calls(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        calls = int(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid --max-calls {value!r}: expected a whole number, such as 50"
+        ) from None
+    if calls < 1:
+        raise ConfigError(f"invalid --max-calls {value!r}: it must be at least 1")
+    return calls
 
 
-def _non_negative(value: float, name: str) -> float:
-    if value < 0:
-        raise ConfigError(f"invalid {name} {value}: it must be 0 or more")
-    return value
+# A grace period longer than this would leave a stopped agent running for too long to be a cap.
+MAX_GRACE_SECONDS = 300
+
+
+def _parse_grace(value: str) -> float:
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        raise ConfigError(
+            f"invalid --grace {value!r}: expected seconds, such as 2 or 0.5"
+        ) from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= MAX_GRACE_SECONDS:
+        raise ConfigError(
+            f"invalid --grace {value!r}: expected seconds from 0 to {MAX_GRACE_SECONDS}"
+        )
+    return seconds
 
 
 def main() -> None:

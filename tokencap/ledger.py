@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlite_utils
 
-from tokencap.errors import LedgerError
+from tokencap.errors import ConfigError, LedgerError
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
@@ -232,11 +232,26 @@ def data_dir() -> Path:
     return Path(base) / "tokencap"
 
 
+def _check_path(path: Path) -> None:
+    """Raise ConfigError for a ledger path that can never be a database file."""
+    hint = "give a file path such as ~/.local/share/tokencap/tokencap.db"
+    if str(path) in ("", "."):
+        raise ConfigError(f"the ledger path is empty; {hint}")
+    if path.is_dir():
+        raise ConfigError(f"the ledger path {path} is a directory; {hint}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"the ledger path {path} is inside {parent}, which is a file")
+            break
+
+
 class Ledger:
     """Reads and writes the sessions and calls tables of one SQLite file."""
 
     def __init__(self, path: Path | str, *, create: bool = True) -> None:
         self.path = Path(path)
+        _check_path(self.path)
         if not create and not self.path.exists():
             raise LedgerError(f"no ledger at {self.path}: run `tokencap run` first")
         try:

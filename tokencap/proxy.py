@@ -1,36 +1,43 @@
 """The embedded mitmproxy: routes the agent's calls upstream and meters the model calls.
 
-The addon reads top to bottom as the life of one request: authenticate and route it
-(`requestheaders`), admit or refuse it (`request`), follow a stream as it passes
-(`responseheaders`), and settle its cost (`response`, or `error` when the exchange broke).
-Pricing, the caps and the ledger live in their own modules.
+It listens twice on 127.0.0.1. The base-URL route is a reverse proxy that the agent's
+ANTHROPIC_BASE_URL, OPENAI_BASE_URL and GOOGLE_GEMINI_BASE_URL point at, under the run's
+secret path. The HTTPS proxy is what the agent's HTTPS_PROXY names, with the run's
+credentials; it intercepts the TLS of model-API hosts and passes every other host through.
+
+The addon reads top to bottom as the life of one request: let the client in (`http_connect`,
+`tls_clienthello`) and route it (`requestheaders`), admit or refuse it (`request`), follow a
+stream as it passes (`responseheaders`), and settle its cost (`response`, or `error` when the
+exchange broke). WebSocket turns are admitted and settled in the `websocket_*` hooks. Pricing,
+the caps and the ledger live in their own modules.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
+import re
 import secrets
 import time
+import weakref
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
-from mitmproxy import ctx, http, options
-from mitmproxy.tools.dump import DumpMaster
+from mitmproxy import connection, ctx, http, master, options, tls
+from mitmproxy.addons import core, next_layer, proxyserver, tlsconfig
+from mitmproxy.proxy import mode_specs
 
-from tokencap import providers
-from tokencap.caps import Budget, Refusal
-from tokencap.errors import LedgerError, ProxyStartError, UpstreamProtocolError
-from tokencap.ledger import Ledger
-from tokencap.prices import Pricer, to_pico
+from tokencap import meter, providers, routing, wsmeter
+from tokencap.caps import Refusal
+from tokencap.errors import ProxyStartError, UpstreamProtocolError
+from tokencap.escapes import Escapes
+from tokencap.meter import Call, Session
+from tokencap.routing import Chain, Route
 from tokencap.usage import (
     Api,
-    RequestInfo,
     StreamMeter,
     Usage,
     is_usage_only_chunk,
@@ -38,56 +45,101 @@ from tokencap.usage import (
     read_response,
 )
 
+__all__ = ["MeterAddon", "Proxy", "Session"]
+
 logger = logging.getLogger(__name__)
 
 # Headers that carry credentials; they are never logged or stored.
-SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key", "cookie")
+SECRET_HEADERS = (
+    "authorization",
+    "x-api-key",
+    "x-goog-api-key",
+    "api-key",
+    "cookie",
+    "proxy-authorization",
+)
 
+PROXY_USER = "tokencap"
 
-@dataclass
-class Call:
-    """The state of one model call, from admission to settlement."""
-
-    row_id: int
-    seq: int
-    provider: str
-    api: Api
-    request: RequestInfo
-    estimate_usd: Decimal
-    started: float
-    strip_usage_chunk: bool = False
-    meter: StreamMeter | None = None
-    decoder: Any = None
-    cut: bool = False
-    settled: bool = False
-    first_byte: float | None = None
-    last_running_usage: Usage | None = None
-
-
-@dataclass
-class Session:
-    """Everything the addon needs to know about the run it meters."""
-
-    session_id: str
-    ledger: Ledger
-    budget: Budget
-    pricer: Pricer
-    upstreams: dict[str, providers.Upstream]
-    on_trip: Callable[[Refusal], None]
-    secret: str = field(default_factory=lambda: "tc-" + secrets.token_urlsafe(18))
-    seq: int = 0
+_MODEL_IN_PATH = re.compile(r"/models/([^/:]+)")
 
 
 class MeterAddon:
     """mitmproxy addon that admits, forwards, meters and settles the agent's model calls."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, chain: Chain | None = None) -> None:
         self.session = session
+        self.chain = chain
+        self.escapes = Escapes()
         self._streams: dict[str, tuple[http.HTTPFlow, Call]] = {}
+        self._sockets: dict[str, tuple[http.HTTPFlow, wsmeter.Socket]] = {}
+        # Client connections that sent the run's credentials with their CONNECT.
+        self._authenticated: weakref.WeakSet[connection.Client] = weakref.WeakSet()
+        credentials = f"{PROXY_USER}:{session.proxy_password}".encode()
+        self._credentials = credentials
+
+    # --- Who may use the HTTPS proxy ---------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Let a CONNECT through only with the run's proxy credentials."""
+        if self._authorize(flow):
+            self._authenticated.add(flow.client_conn)
+
+    def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
+        """Add the user's proxy credentials to a CONNECT that tokencap sends through it."""
+        chain = self.chain
+        if chain and chain.authorization and flow.server_conn.address == chain.address:
+            flow.request.headers["Proxy-Authorization"] = chain.authorization
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """Intercept the TLS of model-API hosts; pass every other host through untouched."""
+        if not _is_http_proxy(data.context.client.proxy_mode):
+            return
+        names = [data.client_hello.sni or ""]
+        if data.context.server.address:
+            names.append(data.context.server.address[0])
+        if any(self._provider_for(name) for name in names if name):
+            return
+        data.ignore_connection = True
+        host = next(name for name in names if name) if any(names) else "?"
+        self.escapes.passed_through(host)
+        logger.debug("passing %s through without interception", host)
+
+    def _authorize(self, flow: http.HTTPFlow) -> bool:
+        """Check the Proxy-Authorization header; answer 407 when it is missing or wrong."""
+        value = flow.request.headers.get("proxy-authorization", "")
+        scheme, _, encoded = value.partition(" ")
+        try:
+            given = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            given = b""
+        if scheme.lower() == "basic" and secrets.compare_digest(given, self._credentials):
+            del flow.request.headers["proxy-authorization"]
+            return True
+        flow.response = http.Response.make(
+            407,
+            b"tokencap: this proxy serves one tokencap run; use the credentials in its "
+            b"HTTPS_PROXY\n",
+            {"Proxy-Authenticate": 'Basic realm="tokencap"', "content-type": "text/plain"},
+        )
+        logger.warning("rejected a proxy client without the run's credentials")
+        return False
+
+    def _provider_for(self, host: str) -> providers.Provider | None:
+        return providers.find_host(host, self.session.extra_hosts)
 
     # --- Routing ----------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Route a request: to its provider's upstream, or through untouched."""
+        if _is_http_proxy(flow.client_conn.proxy_mode):
+            self._route_proxied(flow)
+        else:
+            self._route_base_url(flow)
+        if flow.response is None:
+            self._choose_proxy(flow)
+
+    def _route_base_url(self, flow: http.HTTPFlow) -> None:
         """Check the run's secret path prefix and point the request at its upstream."""
         prefix = f"/{self.session.secret}/"
         path = flow.request.path
@@ -109,88 +161,181 @@ class MeterAddon:
             )
             return
         rest = "/" + rest
-        route, _, _ = rest.partition("?")
-        flow.request.scheme = upstream.scheme
-        flow.request.host = upstream.host
-        flow.request.port = upstream.port
-        flow.request.path = upstream.path + rest
-        default_port = 443 if upstream.scheme == "https" else 80
-        flow.request.host_header = (
-            upstream.host if upstream.port == default_port else f"{upstream.host}:{upstream.port}"
+        routing.rewrite(flow.request, upstream, rest)
+        route_path = rest.partition("?")[0]
+        flow.metadata["tokencap_route"] = Route(upstream.provider, route_path, False, mount)
+
+    def _route_proxied(self, flow: http.HTTPFlow) -> None:
+        """Route a request that came through HTTPS_PROXY: meter model hosts, pass the rest."""
+        if flow.client_conn not in self._authenticated:
+            if not self._authorize(flow):
+                return
+            self._authenticated.add(flow.client_conn)
+        flow.request.headers.pop("proxy-authorization", None)
+
+        host = flow.request.pretty_host
+        provider = self._provider_for(host) or self._provider_for(flow.request.host)
+        if provider is None:
+            if flow.request.scheme == "http":
+                self.escapes.passed_through(host)
+                self._add_chain_credentials(flow)
+            return
+
+        route_path = flow.request.path.partition("?")[0]
+        flow.metadata["tokencap_route"] = Route(provider, route_path, True, host)
+        override = self.session.overrides.get(provider.name)
+        if override is not None:
+            routing.redirect_intercepted(flow.request, override)
+
+    def _add_chain_credentials(self, flow: http.HTTPFlow) -> None:
+        # A plain-HTTP request forwarded to the user's proxy carries their credentials.
+        chain = self.chain
+        if chain and chain.authorization and chain.via(flow.request.host, flow.request.port):
+            flow.request.headers["Proxy-Authorization"] = chain.authorization
+
+    def _choose_proxy(self, flow: http.HTTPFlow) -> None:
+        """Send the request through the user's proxy, or directly where NO_PROXY says so."""
+        if self.chain is None or "tokencap_route" not in flow.metadata:
+            return
+        via = self.chain.via(flow.request.host, flow.request.port)
+        current = flow.server_conn
+        if current.address == (flow.request.host, flow.request.port) and current.via == via:
+            return
+        # A new server spec makes mitmproxy open a new connection instead of reusing the one
+        # the client's CONNECT (or the reverse proxy's placeholder target) set up.
+        flow.server_conn = connection.Server(
+            address=(flow.request.host, flow.request.port), via=via
         )
-        flow.metadata["tokencap_route"] = (upstream.provider.name, route)
 
     # --- Admission --------------------------------------------------------------------------
 
     def request(self, flow: http.HTTPFlow) -> None:
         """Admit a model call (reserve its worst case and record it) or refuse it."""
-        if flow.response is not None or "tokencap_route" not in flow.metadata:
+        route: Route | None = flow.metadata.get("tokencap_route")
+        if flow.response is not None or route is None:
             return
-        provider, route = flow.metadata["tokencap_route"]
-        api = providers.model_call_api(provider, flow.request.method, route)
+        request = flow.request
+        if wsmeter.is_responses_upgrade(request.method, route.path, request.headers):
+            self._open_socket(flow, route)
+            return
+        api = providers.model_call_api(route.provider, request.method, route.path)
         if api is None:
-            return  # model lists, token counting, health checks: forwarded unmetered
+            # Model lists, token counting, health checks: forwarded unmetered.
+            self.escapes.forwarded_unmetered(route.host, request.method, route.path)
+            return
+        provider = providers.pricing_provider(route.provider, api)
         try:
-            self._admit(flow, provider, api, route)
+            self._admit(flow, route, provider, api)
         except Exception as exc:
             # Fail closed: a call tokencap cannot meter is not sent.
             logger.exception("refusing a %s call after an internal error", provider)
-            self._refuse(flow, provider, f"tokencap could not meter this call: {exc}", status=500)
+            self._refuse(flow, route, api, f"tokencap could not meter this call: {exc}", 500)
 
-    def _admit(self, flow: http.HTTPFlow, provider: str, api: Api, route: str) -> None:
-        session = self.session
+    def _admit(self, flow: http.HTTPFlow, route: Route, provider: str, api: Api) -> None:
         body = _json_body(flow.request)
-        info = read_request(api, body, route, dict(flow.request.query))
-        now = datetime.now(UTC)
-        estimate = session.pricer.estimate(provider, api, info, now)
-        session.seq += 1
-        row = {
-            "session_id": session.session_id,
-            "seq": session.seq,
-            "started_at": now.isoformat(timespec="milliseconds"),
-            "provider": provider,
-            "api": str(api),
-            "method": flow.request.method,
-            "path": route,
-            "model": info.model,
-            "agent_prompt_id": info.agent_prompt_id,
-            "streamed": int(info.streamed),
-            "estimate_usd": str(estimate),
-        }
-
-        refusal = session.budget.admit(flow.id, estimate)
-        if refusal is not None:
-            session.ledger.record_call(
-                row
-                | {"decision": "refused", "status": "refused", "refusal_reason": refusal.cap}
-                | {"cost_usd": "0", "cost_pico_usd": 0, "ended_at": row["started_at"]}
-            )
-            self._refuse(flow, provider, f"tokencap: {refusal.message}")
-            session.on_trip(refusal)
+        info = read_request(api, body, route.path, dict(flow.request.query))
+        if info.model is None and (match := _MODEL_IN_PATH.search(route.path)):
+            # Vertex names the model in the path, not the body.
+            info.model = match.group(1)
+        outcome = meter.admit(
+            self.session, flow.id, provider, api, info, flow.request.method, route.path
+        )
+        if isinstance(outcome, Refusal):
+            self._refuse(flow, route, api, f"tokencap: {outcome.message}")
+            self.session.on_trip(outcome)
             return
 
-        try:
-            row_id = session.ledger.record_call(row | {"decision": "admitted", "status": "sent"})
-        except LedgerError:
-            session.budget.settle(flow.id, Decimal(0))
-            session.budget.calls -= 1
-            raise
-
-        call = Call(row_id, session.seq, provider, api, info, estimate, time.monotonic())
-        flow.metadata["tokencap_call"] = call
+        flow.metadata["tokencap_call"] = outcome
         if api is Api.OPENAI_CHAT and info.streamed and not info.wants_stream_usage:
             # Ask for the usage chunk, then drop it on the way back: the agent did not ask.
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             flow.request.set_content(json.dumps(body).encode())
-            call.strip_usage_chunk = True
+            outcome.strip_usage_chunk = True
 
-    def _refuse(self, flow: http.HTTPFlow, provider: str, message: str, status: int = 0) -> None:
-        status = status or providers.BY_NAME[provider].refusal_status
+    def _refuse(self, flow: http.HTTPFlow, route: Route, api: Api, message: str, status=0) -> None:
+        status = status or self.session.refusal_status(api)
         flow.response = http.Response.make(
             status,
-            providers.refusal_body(provider, message),
+            providers.refusal_body(route.provider.name, message, status, api),
             {"content-type": "application/json", "x-should-retry": "false"},
         )
+
+    # --- WebSocket turns --------------------------------------------------------------------
+
+    def _open_socket(self, flow: http.HTTPFlow, route: Route) -> None:
+        """Prepare to meter a Responses WebSocket; refuse the handshake once the run stopped."""
+        tripped = self.session.budget.tripped
+        if tripped is not None:
+            self._refuse(flow, route, Api.OPENAI_RESPONSES, f"tokencap: {tripped.message}")
+            return
+        provider = providers.pricing_provider(route.provider, Api.OPENAI_RESPONSES)
+        flow.metadata["tokencap_socket"] = wsmeter.Socket(flow.id, provider, route.path)
+
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        """Start following a Responses WebSocket whose handshake succeeded."""
+        socket: wsmeter.Socket | None = flow.metadata.get("tokencap_socket")
+        if socket is not None:
+            self._sockets[flow.id] = (flow, socket)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        """Admit a turn before its response.create is forwarded; meter the events it returns."""
+        socket: wsmeter.Socket | None = flow.metadata.get("tokencap_socket")
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        if socket is None or socket.closed or message.injected or not message.is_text:
+            return
+        try:
+            if message.from_client:
+                outcome = wsmeter.client_message(self.session, socket, message.text)
+                if isinstance(outcome, Refusal):
+                    message.drop()
+                    self._end_socket(flow, socket, outcome, cut=False)
+                    self.session.on_trip(outcome)
+            else:
+                refusal = wsmeter.server_message(self.session, socket, message.text)
+                if refusal is not None:
+                    self.session.on_trip(refusal)
+                    self._end_socket(flow, socket, refusal, cut=True)
+        except Exception:
+            # Fail closed: a turn tokencap cannot meter ends the socket.
+            logger.exception("metering a WebSocket message failed; closing the socket")
+            if message.from_client:
+                message.drop()
+            refusal = Refusal("max_usd", "tokencap could not meter a WebSocket turn")
+            self.session.budget.trip(refusal.cap, refusal.message)
+            self.session.on_trip(self.session.budget.tripped or refusal)
+            self._end_socket(flow, socket, refusal, cut=True)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        """Settle the turns a closed socket left open."""
+        entry = self._sockets.pop(flow.id, None)
+        if entry is not None:
+            reason = f"WebSocket closed with code {flow.websocket.close_code}"
+            wsmeter.close(self.session, entry[1], reason)
+
+    def _end_socket(
+        self, flow: http.HTTPFlow, socket: wsmeter.Socket, refusal: Refusal, cut: bool
+    ) -> None:
+        """Send the client an error event for the turn, then close both sides of the socket."""
+        for call in socket.turns:
+            call.cut = cut
+        event = wsmeter.refusal_message(self.session, socket, refusal, cut)
+        ctx.master.commands.call("inject.websocket", flow, True, event.encode(), True)
+        wsmeter.close(self.session, socket, refusal.message)
+        self._sockets.pop(flow.id, None)
+        # The injected event is delivered by a task of its own; closing waits a moment so
+        # that the client reads the event before the close.
+        loop = asyncio.get_running_loop()
+        loop.call_later(SOCKET_CLOSE_DELAY, self._close_connections, flow)
+
+    def _close_connections(self, flow: http.HTTPFlow) -> None:
+        server = ctx.master.addons.get("proxyserver")
+        handler = server.connections.get(flow.client_conn.id)
+        if handler is None:
+            return
+        for conn in (flow.server_conn, flow.client_conn):
+            if conn is not None and conn.connected:
+                handler.close_connection(conn)
 
     # --- Streams ----------------------------------------------------------------------------
 
@@ -236,7 +381,7 @@ class MeterAddon:
                 e.raw for e in events if not (call.strip_usage_chunk and is_usage_only_chunk(e))
             ]
 
-        refusal = self._check_running_cost(flow, call)
+        refusal = meter.running(self.session, call)
         if refusal is not None:
             self.session.on_trip(refusal)
             if call.decoder is None:
@@ -246,19 +391,6 @@ class MeterAddon:
                 events_out.append(providers.stream_error_event(call.api, message))
             self._cut(flow, call)
         return events_out or []
-
-    def _check_running_cost(self, flow: http.HTTPFlow, call: Call) -> Refusal | None:
-        """Price the stream's usage so far against the dollar cap, when it has changed."""
-        assert call.meter is not None
-        if self.session.budget.max_usd is None:
-            return None
-        running, _ = call.meter.running_usage(call.request.input_tokens_estimate)
-        if running == call.last_running_usage:
-            return None
-        call.last_running_usage = running
-        model = call.meter.info.model or call.request.model
-        cost = self.session.pricer.cost(call.provider, model, running, _now()).cost_usd
-        return self.session.budget.update_running(flow.id, cost)
 
     def _end_of_stream(self, call: Call) -> bytes | list[bytes]:
         assert call.meter is not None
@@ -280,10 +412,14 @@ class MeterAddon:
             asyncio.get_running_loop().call_soon(handler.close_connection, flow.server_conn)
 
     def cut_all_streams(self) -> None:
-        """Cut every stream still running, for example when the session was stopped."""
+        """Cut every stream and WebSocket turn still running, when the session was stopped."""
         for flow, call in list(self._streams.values()):
             if not call.cut and not call.settled:
                 self._cut(flow, call)
+        tripped = self.session.budget.tripped
+        for flow, socket in list(self._sockets.values()):
+            if socket.turns and tripped is not None:
+                self._end_socket(flow, socket, tripped, cut=True)
 
     # --- Settlement -------------------------------------------------------------------------
 
@@ -299,7 +435,7 @@ class MeterAddon:
         estimated = False
 
         if call.meter is not None:
-            usage, estimated = self._stream_usage(call)
+            usage, estimated = meter.stream_usage(call)
             values["upstream_request_id"] = call.meter.info.response_id
             values["model"] = call.meter.info.model or call.request.model
             values["error"] = call.meter.info.error
@@ -319,7 +455,7 @@ class MeterAddon:
                 usage = Usage()
             else:
                 values["status"] = "garbled"
-                usage = _fallback_usage(call)
+                usage = meter.fallback_usage(call)
                 estimated = True
             if info is not None:
                 values["model"] = info.model or call.request.model
@@ -329,7 +465,8 @@ class MeterAddon:
         values["upstream_request_id"] = values.get("upstream_request_id") or _request_id_header(
             flow.response.headers
         )
-        self._settle(flow, call, usage, estimated, values)
+        self._streams.pop(flow.id, None)
+        meter.settle(self.session, call, usage, estimated, values)
 
     def error(self, flow: http.HTTPFlow) -> None:
         """Settle a call whose exchange broke: cut by us, dropped upstream, or client gone."""
@@ -340,71 +477,19 @@ class MeterAddon:
         if flow.response is not None:
             values["http_status"] = flow.response.status_code
         if call.meter is not None:
-            usage, estimated = self._stream_usage(call)
+            usage, estimated = meter.stream_usage(call)
             values["model"] = call.meter.info.model or call.request.model
             values["upstream_request_id"] = call.meter.info.response_id
         elif flow.response is None and flow.server_conn and not flow.server_conn.timestamp_start:
             # The upstream was never reached, so nothing can have been billed.
             usage, estimated = Usage(), False
+            upstream = f"{flow.request.scheme}://{flow.request.host}:{flow.request.port}"
+            self.session.unreachable[upstream] = values["error"] or "connection failed"
         else:
-            usage, estimated = _fallback_usage(call), True
+            usage, estimated = meter.fallback_usage(call), True
         values["status"] = "cut" if call.cut else "dropped"
-        self._settle(flow, call, usage, estimated, values)
-
-    def _stream_usage(self, call: Call) -> tuple[Usage, bool]:
-        assert call.meter is not None
-        if call.meter.final and call.meter.info.usage is not None:
-            return call.meter.info.usage, False
-        return call.meter.running_usage(call.request.input_tokens_estimate)
-
-    def _settle(
-        self,
-        flow: http.HTTPFlow,
-        call: Call,
-        usage: Usage,
-        estimated: bool,
-        values: dict[str, Any],
-    ) -> None:
-        call.settled = True
         self._streams.pop(flow.id, None)
-        session = self.session
-        model = values.get("model") or call.request.model
-        try:
-            cost = session.pricer.cost(call.provider, model, usage, _now())
-        except Exception:
-            logger.exception("pricing call %s failed; charging its estimate", call.seq)
-            cost = None
-        cost_usd = cost.cost_usd if cost else call.estimate_usd
-        refusal = session.budget.settle(flow.id, cost_usd)
-
-        ended = time.monotonic()
-        values.update(usage.as_dict())
-        values.update(
-            ended_at=_now().isoformat(timespec="milliseconds"),
-            usage_estimated=int(estimated),
-            cost_usd=str(cost_usd.normalize()) if cost_usd else "0",
-            cost_pico_usd=to_pico(cost_usd),
-            cost_estimated=int(cost.estimated if cost else True),
-            price_source=cost.source if cost else "admission estimate",
-            latency_ms=round((ended - call.started) * 1000, 2),
-            ttfb_ms=round((call.first_byte - call.started) * 1000, 2) if call.first_byte else None,
-        )
-        logger.info(
-            "call %d %s %s: %s, %d input and %d output tokens, $%s",
-            call.seq,
-            call.provider,
-            model,
-            values.get("status"),
-            usage.total_input_tokens,
-            usage.output_tokens,
-            values["cost_usd"],
-        )
-        try:
-            session.ledger.update_call(call.row_id, values)
-        except LedgerError:
-            logger.exception("could not record call %s", call.seq)
-        if refusal is not None:
-            session.on_trip(refusal)
+        meter.settle(self.session, call, usage, estimated, values)
 
 
 def _stream_status(call: Call, http_status: int) -> str:
@@ -427,12 +512,6 @@ def _json_body(request: http.Request) -> Any:
         return {}
 
 
-def _fallback_usage(call: Call) -> Usage:
-    # The response could not be read, so charge what admission reserved for it.
-    output = 0 if call.request.streamed else (call.request.max_output_tokens or 0)
-    return Usage(input_tokens=call.request.input_tokens_estimate, output_tokens=output)
-
-
 def _request_id_header(headers: http.Headers) -> str | None:
     for name in ("request-id", "x-request-id", "x-goog-request-id"):
         if headers.get(name):
@@ -440,8 +519,9 @@ def _request_id_header(headers: http.Headers) -> str | None:
     return None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _is_http_proxy(mode: mode_specs.ProxyMode) -> bool:
+    """Return True for the HTTPS-proxy listener, False for the base-URL route."""
+    return isinstance(mode, mode_specs.RegularMode | mode_specs.UpstreamMode)
 
 
 class _Brotli:
@@ -488,55 +568,87 @@ def _decoder(encoding: str) -> Any:
 
 # --- Starting and stopping ------------------------------------------------------------------
 
+# Seconds between injecting a WebSocket error event and closing the socket.
+# NOTE: chosen by hand; on a loaded machine the close could still overtake the event.
+SOCKET_CLOSE_DELAY = 0.1
+
 
 class Proxy:
-    """One in-process mitmproxy master with tokencap's addon, listening on 127.0.0.1."""
+    """One in-process mitmproxy master with tokencap's addon and its two listeners."""
 
-    def __init__(self, session: Session, confdir: str, log_level: int = logging.INFO) -> None:
+    def __init__(
+        self,
+        session: Session,
+        confdir: str,
+        upstream_trust: str | None = None,
+        chain: Chain | None = None,
+    ) -> None:
         self.session = session
-        self.addon = MeterAddon(session)
+        self.chain = chain
+        self.addon = MeterAddon(session, chain)
         self._confdir = confdir
-        self._master: DumpMaster | None = None
+        self._upstream_trust = upstream_trust
+        self._master: master.Master | None = None
         self._runner: asyncio.Task | None = None
-        self.port = 0
+        self.port = 0  # the base-URL route
+        self.proxy_port = 0  # the HTTPS proxy
 
     async def start(self) -> None:
-        """Start listening on a free port; raise ProxyStartError if that fails."""
+        """Start listening on two free ports; raise ProxyStartError if that fails."""
+        # Reverse-proxy requests are redirected per route in the addon; its target is unused.
+        modes = ["reverse:http://127.0.0.1:9"]
+        modes.append(f"upstream:{self.chain.url}" if self.chain else "regular")
         opts = options.Options(
-            listen_host="127.0.0.1",
-            listen_port=0,
-            # Requests are redirected per route in the addon; this target is never used.
-            mode=["reverse:http://127.0.0.1:9"],
-            confdir=self._confdir,
+            listen_host="127.0.0.1", listen_port=0, mode=modes, confdir=self._confdir
         )
-        master = DumpMaster(opts, with_termlog=False, with_dumper=False)
-        master.addons.add(self.addon)
-        master.options.update(
+        # Only the addons a proxy needs: mitmproxy runs every hook through every addon, so its
+        # default set of about thirty costs several milliseconds per request.
+        proxy_master = master.Master(opts, with_termlog=False)
+        proxy_master.addons.add(
+            core.Core(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            self.addon,
+        )
+        proxy_master.options.update(
             # Reverse mode rewrites the Host header to the target unless told not to; the addon
             # sets it per upstream instead.
             keep_host_header=True,
             connection_strategy="lazy",
             ssl_insecure=False,
+            ssl_verify_upstream_trusted_ca=self._upstream_trust,
         )
-        self._master = master
-        self._runner = asyncio.create_task(master.run())
-        server = master.addons.get("proxyserver")
+        self._master = proxy_master
+        self._runner = asyncio.create_task(proxy_master.run())
+        server = proxy_master.addons.get("proxyserver")
         deadline = time.monotonic() + 10
-        while not (server.is_running and server.listen_addrs()):
+        while not (server.is_running and len(server.listen_addrs()) >= len(modes)):
             if self._runner.done():
                 exc = self._runner.exception()
                 raise ProxyStartError(f"the proxy stopped during start-up: {exc}") from exc
             if time.monotonic() > deadline:
                 raise ProxyStartError("the proxy did not start listening within 10 seconds")
             await asyncio.sleep(0.005)
-        self.port = server.listen_addrs()[0][1]
+        for instance in server.servers:
+            port = instance.listen_addrs[0][1]
+            if isinstance(instance.mode, mode_specs.ReverseMode):
+                self.port = port
+            else:
+                self.proxy_port = port
 
     def base_url(self, provider: str) -> str:
         """Return the base URL the agent uses for a provider."""
         return f"http://127.0.0.1:{self.port}/{self.session.secret}/{provider}"
 
+    @property
+    def proxy_url(self) -> str:
+        """Return the HTTPS_PROXY value for the agent, with the run's credentials."""
+        password = self.session.proxy_password
+        return f"http://{PROXY_USER}:{password}@127.0.0.1:{self.proxy_port}"
+
     async def stop(self) -> None:
-        """Close the listening socket and stop the master."""
+        """Close the listening sockets and stop the master."""
         if self._master is None or self._runner is None:
             return
         server = self._master.addons.get("proxyserver")

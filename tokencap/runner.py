@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from tokencap import __version__, attribution, providers
+from tokencap import __version__, agents, attribution, certs, providers, routing
+from tokencap.agents import AgentProfile
 from tokencap.caps import Budget, Refusal
-from tokencap.errors import EXIT_CAPPED
+from tokencap.environment import child_environment
+from tokencap.errors import EXIT_CAPPED, ConfigError
 from tokencap.ledger import Ledger, data_dir
+from tokencap.meter import Session
 from tokencap.prices import Pricer, from_pico
-from tokencap.proxy import Proxy, Session
+from tokencap.proxy import Proxy
 from tokencap.supervisor import Child, StopResult, become_subreaper, resolve_executable
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ class RunOptions:
     max_usd: Decimal | None = None
     max_calls: int | None = None
     grace: float = 2.0
+    # Agent profile by name; None picks it from the command.
+    profile: str | None = None
+    # Host patterns the HTTPS proxy intercepts besides the providers' own, such as
+    # "llm-gateway.example.com" or "*.inference.example.com".
+    intercept_hosts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,14 +59,23 @@ class RunResult:
     refusal: Refusal | None
     stop: StopResult | None
     unknown_models: set[tuple[str, str]]
+    profile: str = "generic"
+    # Model-API traffic that reached upstream without being metered, one line each.
+    unmetered: list[str] = field(default_factory=list)
+    # Upstream URL -> the last connection error, for upstreams that could not be reached.
+    unreachable: dict[str, str] = field(default_factory=dict)
 
 
 def run(options: RunOptions) -> RunResult:
     """Run the agent under the caps and return how it ended."""
     env = dict(os.environ)
     upstreams = providers.upstreams_from_env(env)
+    chain = routing.chain_from_env(env)
+    profile = _profile(options)
+    extra_hosts = intercept_patterns(options.intercept_hosts, env)
     # Check the command before recording a session, so a typo leaves no trace in the ledger.
     resolve_executable(options.argv[0], env, None)
+    trust = certs.prepare(data_dir() / "ca", env)
     ledger = Ledger(options.db_path)
     session_id = attribution.new_session_id()
     ledger.start_session(
@@ -81,11 +98,22 @@ def run(options: RunOptions) -> RunResult:
     )
     budget = Budget(max_usd=options.max_usd, max_calls=options.max_calls)
     pricer = Pricer()
+    unreachable: dict[str, str] = {}
     try:
         become_subreaper()
-        exit_code, stop = asyncio.run(
-            _supervise(options, env, session_id, ledger, budget, pricer, upstreams)
+        session = Session(
+            session_id,
+            ledger,
+            budget,
+            pricer,
+            upstreams,
+            on_trip=lambda refusal: None,
+            profile=profile,
+            overrides=providers.overrides_from_env(env),
+            extra_hosts=extra_hosts,
+            unreachable=unreachable,
         )
+        exit_code, stop, unmetered = asyncio.run(_supervise(options, env, session, trust, chain))
     except BaseException:
         ledger.end_session(session_id, status="failed", end_reason="tokencap_error")
         raise
@@ -112,44 +140,69 @@ def run(options: RunOptions) -> RunResult:
         refusal=budget.tripped,
         stop=stop,
         unknown_models=pricer.unknown_models,
+        profile=profile.name,
+        unmetered=unmetered,
+        unreachable=unreachable,
     )
 
 
 async def _supervise(
     options: RunOptions,
     env: dict[str, str],
-    session_id: str,
-    ledger: Ledger,
-    budget: Budget,
-    pricer: Pricer,
-    upstreams: dict[str, providers.Upstream],
-) -> tuple[int, StopResult | None]:
+    session: Session,
+    trust: certs.Trust,
+    chain: routing.Chain | None,
+) -> tuple[int, StopResult | None, list[str]]:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
 
     def on_trip(refusal: Refusal) -> None:
         if not stop_requested.is_set():
-            logger.info("session %s stopped: %s", session_id, refusal.message)
+            logger.info("session %s stopped: %s", session.session_id, refusal.message)
             proxy.addon.cut_all_streams()
             stop_requested.set()
 
-    session = Session(session_id, ledger, budget, pricer, upstreams, on_trip)
-    confdir = data_dir() / "mitmproxy"
-    confdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    proxy = Proxy(session, str(confdir))
+    session.on_trip = on_trip
+    proxy = Proxy(session, str(trust.ca_dir), str(trust.upstream_bundle), chain)
     await proxy.start()
-    logger.info("proxy for session %s listening on 127.0.0.1:%d", session_id, proxy.port)
+    logger.info(
+        "session %s: base-URL route on 127.0.0.1:%d, HTTPS proxy on 127.0.0.1:%d, profile %s",
+        session.session_id,
+        proxy.port,
+        proxy.proxy_port,
+        session.profile.name,
+    )
 
     try:
-        child = Child.spawn(options.argv, child_environment(env, proxy, session_id))
+        child_env = child_environment(
+            env,
+            session_id=session.session_id,
+            profile=session.profile,
+            base_urls={p.name: proxy.base_url(p.name) for p in providers.PROVIDERS},
+            proxy_url=proxy.proxy_url,
+            trust=trust,
+            extra_hosts=session.extra_hosts,
+        )
+        child = Child.spawn(options.argv, child_env)
+        stopping_tree = False
+
+        def on_signal(sig: signal.Signals) -> None:
+            # A second SIGINT or SIGTERM while the tree is being stopped skips the grace period.
+            if stopping_tree and sig in (signal.SIGINT, signal.SIGTERM):
+                logger.info("received %s while stopping: killing the tree now", sig.name)
+                child.kill_tree()
+            else:
+                child.send_signal(sig)
+
         for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, child.send_signal, sig)
+            loop.add_signal_handler(sig, on_signal, sig)
         waiting = asyncio.create_task(child.wait())
         stopping = asyncio.create_task(stop_requested.wait())
         await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
 
         stop = None
         if stop_requested.is_set():
+            stopping_tree = True
             stop = await child.stop_tree(options.grace)
         returncode = await waiting
         stopping.cancel()
@@ -157,28 +210,47 @@ async def _supervise(
             # The agent exited but left processes behind; they would call models unmetered
             # once the proxy is gone, so they end with the run.
             logger.info("stopping %d processes the agent left behind", len(child.tree()))
+            stopping_tree = True
             stop = await child.stop_tree(options.grace)
     finally:
         for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
         await proxy.stop()
-    return _exit_code(returncode), stop
+    unmetered = proxy.addon.escapes.lines()
+    for line in unmetered:
+        logger.warning("unmetered model traffic: %s", line)
+    return _exit_code(returncode), stop, unmetered
 
 
-def child_environment(env: dict[str, str], proxy: Proxy, session_id: str) -> dict[str, str]:
-    """Return the agent's environment: base URLs point at the proxy, the session id is set."""
-    child = dict(env)
-    for provider in providers.PROVIDERS:
-        child[provider.env_var] = proxy.base_url(provider.name)
-    child["TOKENCAP_SESSION_ID"] = session_id
-    # A corporate proxy in HTTP(S)_PROXY must not capture the calls to tokencap itself.
-    for name in ("NO_PROXY", "no_proxy"):
-        entries = [e for e in child.get(name, "").split(",") if e.strip()]
-        for local in ("127.0.0.1", "localhost"):
-            if local not in entries:
-                entries.append(local)
-        child[name] = ",".join(entries)
-    return child
+def _profile(options: RunOptions) -> AgentProfile:
+    try:
+        return agents.profile_for(options.argv, options.profile)
+    except KeyError:
+        names = ", ".join(sorted(agents.BY_NAME))
+        raise ConfigError(
+            f"unknown agent profile {options.profile!r}; use one of {names}"
+        ) from None
+
+
+def intercept_patterns(patterns: tuple[str, ...], env: dict[str, str]) -> tuple[str, ...]:
+    """Validate configured host patterns, and add the hosts of https upstream overrides.
+
+    A gateway named in ANTHROPIC_BASE_URL or OPENAI_BASE_URL is intercepted too, so an agent
+    that reads its own configuration instead of the variable is still metered there.
+    """
+    result = []
+    for pattern in patterns:
+        host = pattern.strip().lower()
+        if not host or "/" in host or ":" in host or " " in host:
+            raise ConfigError(
+                f"invalid intercepted host {pattern!r}: give a host name such as "
+                "llm.example.com or a wildcard such as *.example.com, without scheme or port"
+            )
+        result.append(host)
+    for upstream in providers.overrides_from_env(env).values():
+        if upstream.scheme == "https" and not routing.is_loopback(upstream.host):
+            result.append(upstream.host.lower())
+    return tuple(dict.fromkeys(result))
 
 
 def _exit_code(returncode: int) -> int:
@@ -193,18 +265,30 @@ def _recorded_spend(ledger: Ledger, session_id: str) -> Decimal:
     return from_pico(row[0])
 
 
-def log_to_file(verbose: bool) -> Path:
-    """Send tokencap's and mitmproxy's logs to a file; with `verbose`, to stderr as well."""
-    log_dir = data_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / "tokencap.log"
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    )
+def log_to_file(verbose: bool) -> Path | None:
+    """Send tokencap's and mitmproxy's logs to a file; with `verbose`, to stderr as well.
+
+    Returns the log file, or None when it cannot be written; the run goes on without it.
+    """
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    root.addHandler(handler)
+    path: Path | None = data_dir() / "logs" / "tokencap.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        from tokencap.console import stderr_console
+
+        stderr_console().print(
+            f"[yellow]tokencap:[/] cannot write the log file {path}: {exc.strerror or exc}; "
+            "running without it (set XDG_DATA_HOME to a writable directory)"
+        )
+        path = None
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+        )
+        root.addHandler(handler)
     if verbose:
         from rich.logging import RichHandler
 

@@ -297,6 +297,15 @@ class Child:
                 "cannot send signal %d to process group %d: permission denied", sig, self.pid
             )
 
+    def kill_tree(self) -> None:
+        """Send SIGKILL to the agent's group and every process of the tree, without waiting.
+
+        A stop_tree() in progress notices and finishes its sweep; this only cuts the grace
+        period short.
+        """
+        self._signal_group(signal.SIGKILL)
+        _send(self.tree(), signal.SIGKILL)
+
     def tree(self) -> list[psutil.Process]:
         """Return every live process under tokencap, which is the agent's whole tree.
 
@@ -361,7 +370,7 @@ class Child:
         # SIGCONT lets stopped processes run their SIGTERM handler instead of waiting for
         # SIGKILL.
         alive = await self._scan(seen)
-        logger.info("stopping agent pid %d: %d processes in its tree", self.pid, len(alive))
+        logger.info("stopping agent pid %d: %s in its tree", self.pid, _processes(len(alive)))
         for sig in (signal.SIGTERM, signal.SIGCONT):
             self._signal_group(sig)
             await asyncio.to_thread(_send, alive, sig)
@@ -400,10 +409,14 @@ class Child:
                 ", ".join(map(str, survivors)),
             )
         logger.info(
-            "stopped agent pid %d in %.3f s: %d processes, %d needed SIGKILL",
+            "stopped agent pid %d in %.3f s: %s, %d needed SIGKILL",
             self.pid,
             result.seconds,
-            result.signalled,
+            _processes(result.signalled),
             result.killed,
         )
         return result
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
