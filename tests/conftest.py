@@ -72,7 +72,11 @@ def tokencap_env(tmp_path: Path, upstream: FakeUpstream) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("ANTHROPIC_", "OPENAI_", "GOOGLE_", "GEMINI_", "TOKENCAP_"))
+        # CI variables are dropped too: a run under GitHub Actions would otherwise append
+        # every test session to the job's real step summary.
+        if not key.startswith(
+            ("ANTHROPIC_", "OPENAI_", "GOOGLE_", "GEMINI_", "TOKENCAP_", "GITHUB_", "GITLAB_", "CI_")
+        )
     }
     env.update(
         XDG_DATA_HOME=str(tmp_path / "data"),
