@@ -60,6 +60,11 @@ def query(db: Path, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         conn.close()
 
 
+# Variables of tokencap's own and of the providers, which each test sets itself.
+PROVIDER_PREFIXES = ("ANTHROPIC_", "OPENAI_", "GOOGLE_", "GEMINI_", "TOKENCAP_")
+CI_PREFIXES = ("GITHUB_", "GITLAB_", "CI_")
+
+
 @pytest.fixture
 def upstream():
     with FakeUpstream() as fake:
@@ -72,7 +77,9 @@ def tokencap_env(tmp_path: Path, upstream: FakeUpstream) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("ANTHROPIC_", "OPENAI_", "GOOGLE_", "GEMINI_", "TOKENCAP_"))
+        # CI variables are dropped too: a run under GitHub Actions would otherwise append
+        # every test session to the job's real step summary.
+        if not key.startswith(PROVIDER_PREFIXES + CI_PREFIXES)
     }
     env.update(
         XDG_DATA_HOME=str(tmp_path / "data"),

@@ -424,22 +424,22 @@ def test_report_json_after_two_calls(upstream, run_agent, tokencap_env):
     assert reported["ended_at"] == session["ended_at"]
 
 
-def test_report_table_wide_shows_session_id(run_tokencap, tokencap_env):
+def test_sessions_table_wide_shows_session_id(run_tokencap, tokencap_env):
     run = run_tokencap(["--user", "u", "--agent", "a"], [sys.executable, "-c", "pass"])
     assert run.exit_code == 0, run.stderr
 
-    result = run_cli(["report"], tokencap_env | {"COLUMNS": "200"})
+    result = run_cli(["sessions"], tokencap_env | {"COLUMNS": "200"})
 
     assert result.returncode == 0, result.stderr
     assert run.session()["id"] in result.stdout
 
 
-def test_report_table_80_columns_shows_session_id(run_tokencap, tokencap_env):
+def test_sessions_table_80_columns_shows_session_id(run_tokencap, tokencap_env):
     run = run_tokencap(["--user", "u", "--agent", "a"], [sys.executable, "-c", "pass"])
     assert run.exit_code == 0, run.stderr
 
     # With COLUMNS=80, rich would shorten every column of a table written to a pipe.
-    result = run_cli(["report"], tokencap_env | {"COLUMNS": "80"})
+    result = run_cli(["sessions"], tokencap_env | {"COLUMNS": "80"})
 
     assert result.returncode == 0, result.stderr
     assert run.session()["id"] in result.stdout
@@ -453,7 +453,7 @@ def test_report_without_ledger(output_format, tokencap_env, tmp_path):
 
     assert result.returncode == 0, result.stderr
     if output_format == "json":
-        assert json.loads(result.stdout) == {"sessions": []}
+        assert json.loads(result.stdout)["sessions"] == []
     else:
         assert "No sessions recorded yet" in result.stdout
     assert not db.exists()
@@ -469,7 +469,7 @@ def test_report_empty_ledger(tokencap_env, tmp_path):
     assert table.returncode == 0, table.stderr
     assert "No sessions recorded yet" in table.stdout
     assert data.returncode == 0, data.stderr
-    assert json.loads(data.stdout) == {"sessions": []}
+    assert json.loads(data.stdout)["sessions"] == []
 
 
 # --- Signals, output and ledger selection ---------------------------------------------------

@@ -105,7 +105,8 @@ def test_demo_stopped_by_dollar_cap(tmp_path: Path, user_env: dict[str, str]) ->
     assert demo.returncode == EXIT_CAPPED, demo.stderr
     assert "turn 1:" in demo.stdout
     assert "stopped by max_usd" in demo.stderr
-    assert f"tokencap report --db {shlex.quote(str(db))}" in demo.stderr
+    assert f" --db {shlex.quote(str(db))}" in demo.stderr
+    assert "tokencap report --session " in demo.stderr
 
     session = only_session(db, user_env)
     assert session["task"] == "demo"

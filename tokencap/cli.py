@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from tokencap.caps import Refusal
+    from tokencap.report.filters import Filters
     from tokencap.runner import RunResult
 
 app = typer.Typer(
@@ -100,7 +103,7 @@ BudgetOption = Annotated[
         metavar="FILE",
     ),
 ]
-FormatOption = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
+TableJsonOption = Annotated[str, typer.Option("--format", "-f", help="table or json.")]
 
 
 @app.command(
@@ -163,6 +166,8 @@ def run(
         _fail(exc)
 
     print_run_result(result, verbose)
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        _append_github_summary(options.db_path, result.session_id)
     raise typer.Exit(result.exit_code)
 
 
@@ -177,7 +182,7 @@ def show_config(
     max_calls: MaxCallsOption = None,
     grace: GraceOption = None,
     budget: BudgetOption = None,
-    output_format: FormatOption = "table",
+    output_format: TableJsonOption = "table",
 ) -> None:
     """Show the settings a run would use and where each came from.
 
@@ -247,7 +252,7 @@ def budget_status(
     team: TeamOption = None,
     budget: BudgetOption = None,
     db: DbOption = None,
-    output_format: FormatOption = "table",
+    output_format: TableJsonOption = "table",
 ) -> None:
     """Show each cumulative budget: its limit, what was spent in its window, what remains.
 
@@ -291,31 +296,296 @@ def init(
     )
 
 
+class OutputFormat(StrEnum):
+    """Output formats of report and sessions."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+    markdown = "markdown"
+
+
+class SortOrder(StrEnum):
+    """Orders of a grouped report."""
+
+    cost = "cost"
+    calls = "calls"
+    sessions = "sessions"
+    name = "name"
+
+
+FormatOption = Annotated[
+    OutputFormat,
+    typer.Option(
+        "--format",
+        "-f",
+        case_sensitive=False,
+        help="table (plain text when piped), json, csv or markdown.",
+    ),
+]
+SinceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Only calls from this time on: 2026-12-01, 2026-12-01T09:30 (UTC), today, "
+        "or an age such as 30m, 24h, 7d.",
+        metavar="WHEN",
+    ),
+]
+UntilOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Only calls before this time; a date includes its whole day (UTC).",
+        metavar="WHEN",
+    ),
+]
+TaskFilter = Annotated[
+    list[str] | None,
+    typer.Option("--task", help="Only this task; repeatable; * and ? match any.", metavar="NAME"),
+]
+AgentFilter = Annotated[
+    list[str] | None, typer.Option("--agent", help="Only this agent; repeatable.", metavar="NAME")
+]
+UserFilter = Annotated[
+    list[str] | None, typer.Option("--user", help="Only this user; repeatable.", metavar="NAME")
+]
+TeamFilter = Annotated[
+    list[str] | None, typer.Option("--team", help="Only this team; repeatable.", metavar="NAME")
+]
+TagFilter = Annotated[
+    list[str] | None,
+    typer.Option("--tag", help="Only sessions with this tag; repeatable.", metavar="KEY=VALUE"),
+]
+SessionFilter = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--session",
+        help="Only this session (an id, or its unique start or end); repeatable.",
+        metavar="ID",
+    ),
+]
+StatusFilter = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--status",
+        help="Only sessions in this state: completed, capped, failed, running or stale.",
+        metavar="STATUS",
+    ),
+]
+ModelFilter = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model", help="Only calls to this model; repeatable; * matches any.", metavar="NAME"
+    ),
+]
+ProviderFilter = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--provider",
+        help="Only calls to this provider, such as anthropic, openai or gemini; repeatable.",
+        metavar="NAME",
+    ),
+]
+
+
 @app.command()
 def report(
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Group by task, session, agent, user, team, model, provider, day or tag:KEY; "
+            "several with commas, such as team,task. Default: task.",
+            metavar="KEYS",
+        ),
+    ] = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    task: TaskFilter = None,
+    agent: AgentFilter = None,
+    user: UserFilter = None,
+    team: TeamFilter = None,
+    tag: TagFilter = None,
+    session: SessionFilter = None,
+    status: StatusFilter = None,
+    model: ModelFilter = None,
+    provider: ProviderFilter = None,
+    sort: Annotated[
+        SortOrder | None,
+        typer.Option(help="Order of groups. Default: cost, or name when grouped by day."),
+    ] = None,
+    top: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Show only the first N groups; the total covers all.", metavar="N"
+        ),
+    ] = None,
+    limit: Annotated[
+        int,
+        typer.Option(min=0, help="Sessions in the JSON `sessions` list; 0 lists all.", metavar="N"),
+    ] = 50,
+    output_format: FormatOption = OutputFormat.table,
     db: DbOption = None,
-    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
-    limit: Annotated[int, typer.Option(min=1, help="Number of sessions to show.")] = 50,
 ) -> None:
-    """Show recorded sessions, newest first, with their calls, tokens and cost."""
-    from tokencap import ledger
-    from tokencap import report as report_module
+    """Show spend per task, or grouped --by other keys, with a totals row.
 
-    _check_format(output_format)
+    With --session ID alone: that session's caps, calls, prompt fan-out and spend chart.
+
+    Example: tokencap report --since 7d --by team,task
+    """
+    from tokencap import ledger
+    from tokencap.report import filters as report_filters
+    from tokencap.report import output
+
     path = db or ledger.default_path()
-    if not path.exists():
-        rows = []
-    else:
-        try:
-            book = ledger.Ledger(path)
-            rows = report_module.sessions(book, limit)
-            book.close()
-        except TokencapError as exc:
-            _fail(exc)
-    if output_format == "json":
-        sys.stdout.write(report_module.to_json(rows) + "\n")
-        return
-    report_module.print_report(_stdout_console(), rows)
+    session_ids = [part.strip() for value in session or [] for part in value.split(",")]
+    try:
+        if len(session_ids) == 1 and not by:
+            _check_detail_options(
+                since, until, task, agent, user, team, tag, status, model, provider, sort, top
+            )
+            output.print_detail(path, session_ids[0], output_format)
+            return
+        filters = _filters(
+            since, until, task, agent, user, team, tag, session, status, model, provider
+        )
+        group_by = report_filters.parse_group_by(by or ["task"])
+        output.print_grouped(
+            path,
+            group_by,
+            filters,
+            output_format,
+            sort=sort,
+            top=top,
+            limit=limit or None,
+        )
+    except TokencapError as exc:
+        stderr_console().print(f"[bold red]tokencap:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _filters(
+    since: str | None,
+    until: str | None,
+    task: list[str] | None,
+    agent: list[str] | None,
+    user: list[str] | None,
+    team: list[str] | None,
+    tag: list[str] | None,
+    session: list[str] | None,
+    status: list[str] | None,
+    model: list[str] | None,
+    provider: list[str] | None,
+) -> Filters:
+    from tokencap.report.filters import build_filters
+
+    return build_filters(
+        since=since,
+        until=until,
+        tasks=task,
+        agents=agent,
+        users=user,
+        teams=team,
+        tags=tag,
+        sessions=session,
+        statuses=status,
+        models=model,
+        providers=provider,
+    )
+
+
+def _check_detail_options(*values: object) -> None:
+    if any(value for value in values):
+        raise ConfigError(
+            "--session ID on its own shows that session in detail, which takes no other "
+            "filter, --sort or --top; add --by to report on it with them"
+        )
+
+
+@app.command()
+def sessions(
+    since: SinceOption = None,
+    until: UntilOption = None,
+    task: TaskFilter = None,
+    agent: AgentFilter = None,
+    user: UserFilter = None,
+    team: TeamFilter = None,
+    tag: TagFilter = None,
+    session: SessionFilter = None,
+    status: StatusFilter = None,
+    model: ModelFilter = None,
+    provider: ProviderFilter = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="Number of sessions to list; 0 lists all.", metavar="N")
+    ] = 20,
+    output_format: FormatOption = OutputFormat.table,
+    db: DbOption = None,
+) -> None:
+    """List recent sessions, newest first, with their state, calls and cost against caps.
+
+    A session is stale when it is recorded as running but its tokencap process is gone.
+    """
+    from tokencap import ledger
+    from tokencap.report import output
+
+    try:
+        filters = _filters(
+            since, until, task, agent, user, team, tag, session, status, model, provider
+        )
+        output.print_sessions(db or ledger.default_path(), filters, output_format, limit or None)
+    except TokencapError as exc:
+        stderr_console().print(f"[bold red]tokencap:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.command()
+def watch(
+    task: TaskFilter = None,
+    agent: AgentFilter = None,
+    user: UserFilter = None,
+    team: TeamFilter = None,
+    tag: TagFilter = None,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between refreshes.", metavar="SECONDS")
+    ] = 1.0,
+    iterations: Annotated[
+        int,
+        typer.Option(min=0, help="Stop after N refreshes; 0 runs until Ctrl-C.", metavar="N"),
+    ] = 0,
+    ended_within: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Keep showing sessions that ended within this many seconds.",
+            metavar="SECONDS",
+        ),
+    ] = 60.0,
+    db: DbOption = None,
+) -> None:
+    """Show running sessions live: spend and calls against their caps, and the last model.
+
+    Run it in another terminal while agents run under `tokencap run`.
+    """
+    from tokencap import ledger
+    from tokencap.report import filters as report_filters
+    from tokencap.report import output
+    from tokencap.report.watch import watch as watch_ledger
+
+    try:
+        filters = report_filters.build_filters(
+            tasks=task, agents=agent, users=user, teams=team, tags=tag
+        )
+        watch_ledger(
+            db or ledger.default_path(),
+            filters,
+            output.stdout_console(),
+            interval=interval,
+            iterations=iterations,
+            ended_within=ended_within,
+        )
+    except TokencapError as exc:
+        stderr_console().print(f"[bold red]tokencap:[/] {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @app.command()
@@ -465,6 +735,25 @@ def print_run_result(result: RunResult, verbose: bool = False) -> None:
         )
 
 
+def _append_github_summary(db_path: Path, session_id: str) -> None:
+    from tokencap.report.github import write_github_summary
+
+    summary = Path(os.environ["GITHUB_STEP_SUMMARY"])
+    try:
+        write_github_summary(db_path, session_id, summary)
+    except Exception as exc:
+        # The run is over and its exit status must reach CI unchanged, whatever went wrong here.
+        logging.getLogger(__name__).exception("cannot append the GitHub job summary")
+        stderr_console().print(
+            f"[yellow]tokencap:[/] cannot append the session summary to GITHUB_STEP_SUMMARY "
+            f"({summary}): {exc}"
+        )
+
+
+def _count(number: int, singular: str, plural: str | None = None) -> str:
+    return f"{number} {singular if number == 1 else plural or singular + 's'}"
+
+
 def _stop_reason(refusal: Refusal) -> str:
     # A shared budget's message starts with its name, such as "team budget platform/day: ...".
     if refusal.label is not None:
@@ -474,10 +763,6 @@ def _stop_reason(refusal: Refusal) -> str:
 
 def _price_table(model: str) -> str:
     return f'[prices.models."{model}"]'
-
-
-def _count(number: int, singular: str, plural: str | None = None) -> str:
-    return f"{number} {singular if number == 1 else plural or singular + 's'}"
 
 
 def _fail(exc: TokencapError) -> NoReturn:

@@ -71,10 +71,8 @@ def run_demo(db_path: Path | None, max_usd: Decimal | None) -> int:
             f"tokencap: the demo agent ended with exit status {result.exit_code} after "
             f"{result.calls} calls and ${result.spent_usd}, within the ${cap} cap"
         )
-    report = (
-        "tokencap report"
-        if db_path is None
-        else f"tokencap report --db {shlex.quote(str(db_path))}"
-    )
+    report = f"tokencap report --session {result.session_id}"
+    if db_path is not None:
+        report += f" --db {shlex.quote(str(db_path))}"
     console.print(f"See the recorded session and its calls with: [bold]{report}[/]")
     return result.exit_code

@@ -102,6 +102,99 @@ def m001_sessions_and_calls(db: sqlite_utils.Database) -> None:
     db["calls"].create_index(["model"])
 
 
+# The sums that reports read, per session, UTC hour, provider and model. Summing a million call
+# rows takes SQLite seconds; summing this table takes milliseconds.
+CALL_TOTALS_KEY = {
+    "session_id": "{row}.session_id",
+    "hour": "COALESCE(substr({row}.started_at, 1, 13), '')",
+    "provider": "COALESCE({row}.provider, '')",
+    "model": "COALESCE({row}.model, '')",
+}
+CALL_TOTALS_SUMS = {
+    "call_rows": "1",
+    "calls": "{row}.decision IS 'admitted'",
+    "refused_calls": "{row}.decision IS 'refused'",
+    "input_tokens": "COALESCE({row}.input_tokens, 0)",
+    "cache_read_tokens": "COALESCE({row}.cache_read_tokens, 0)",
+    "cache_write_5m_tokens": "COALESCE({row}.cache_write_5m_tokens, 0)",
+    "cache_write_1h_tokens": "COALESCE({row}.cache_write_1h_tokens, 0)",
+    "output_tokens": "COALESCE({row}.output_tokens, 0)",
+    "reasoning_tokens": "COALESCE({row}.reasoning_tokens, 0)",
+    "cost_pico_usd": "COALESCE({row}.cost_pico_usd, 0)",
+    "estimated_calls": "COALESCE({row}.cost_estimated, 0) != 0",
+}
+TOKEN_COLUMNS = (
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_5m_tokens",
+    "cache_write_1h_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+# Call columns that the totals depend on; updates of other columns skip the trigger.
+_CALL_TOTALS_SOURCES = (
+    *("session_id", "started_at", "provider", "model", "decision"),
+    *TOKEN_COLUMNS,
+    *("cost_pico_usd", "cost_estimated"),
+)
+
+
+@migration
+def m002_report_totals(db: sqlite_utils.Database) -> None:
+    sum_columns = ", ".join(f"{name} INTEGER NOT NULL" for name in CALL_TOTALS_SUMS)
+    db.execute(
+        f"""
+        CREATE TABLE call_totals (
+            session_id TEXT NOT NULL,
+            hour TEXT NOT NULL,  -- UTC hour of the calls' started_at, such as 2026-12-04T20
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,  -- '' when the request named no model
+            {sum_columns},
+            PRIMARY KEY (session_id, hour, provider, model)
+        ) WITHOUT ROWID
+        """
+    )
+    db.execute("CREATE INDEX idx_call_totals_hour ON call_totals (hour)")
+    db["sessions"].create_index(["status"])
+
+    # Triggers keep the totals in the same transaction that writes the call, so they always
+    # equal the sums over `calls`.
+    names = ", ".join([*CALL_TOTALS_KEY, *CALL_TOTALS_SUMS])
+    key_names = ", ".join(CALL_TOTALS_KEY)
+    new_values = ", ".join(
+        expr.format(row="NEW") for expr in [*CALL_TOTALS_KEY.values(), *CALL_TOTALS_SUMS.values()]
+    )
+    add = ", ".join(f"{name} = {name} + excluded.{name}" for name in CALL_TOTALS_SUMS)
+    add_new = (
+        f"INSERT INTO call_totals ({names}) VALUES ({new_values}) "
+        f"ON CONFLICT ({key_names}) DO UPDATE SET {add};"
+    )
+    old_key = " AND ".join(
+        f"{name} = {expr.format(row='OLD')}" for name, expr in CALL_TOTALS_KEY.items()
+    )
+    subtract = ", ".join(
+        f"{name} = {name} - ({expr.format(row='OLD')})" for name, expr in CALL_TOTALS_SUMS.items()
+    )
+    remove_old = (
+        f"UPDATE call_totals SET {subtract} WHERE {old_key}; "
+        f"DELETE FROM call_totals WHERE {old_key} AND call_rows = 0;"
+    )
+    sources = ", ".join(_CALL_TOTALS_SOURCES)
+    db.execute(f"CREATE TRIGGER call_totals_insert AFTER INSERT ON calls BEGIN {add_new} END")
+    db.execute(
+        f"CREATE TRIGGER call_totals_update AFTER UPDATE OF {sources} ON calls "
+        f"BEGIN {remove_old} {add_new} END"
+    )
+    db.execute(f"CREATE TRIGGER call_totals_delete AFTER DELETE ON calls BEGIN {remove_old} END")
+
+    # Ledgers written before this migration get their totals once, here.
+    keys = ", ".join(expr.format(row="calls") for expr in CALL_TOTALS_KEY.values())
+    sums = ", ".join(f"SUM({expr.format(row='calls')})" for expr in CALL_TOTALS_SUMS.values())
+    db.execute(
+        f"INSERT INTO call_totals ({names}) SELECT {keys}, {sums} FROM calls GROUP BY {keys}"
+    )
+
+
 @migration
 def m003_budget_reservations(db: sqlite_utils.Database) -> None:
     # What calls in flight have reserved against budgets shared by several runs; a row lives
@@ -134,7 +227,9 @@ def m003_budget_reservations(db: sqlite_utils.Database) -> None:
         + " END"
     )
     db.execute(
-        "CREATE TRIGGER budget_spend_update AFTER UPDATE ON calls BEGIN "
+        # Only updates of the columns it sums touch budget_spend.
+        "CREATE TRIGGER budget_spend_update AFTER UPDATE OF "
+        "session_id, started_at, decision, status, cost_pico_usd ON calls BEGIN "
         + _budget_spend_upsert("OLD", "-")
         + _budget_spend_upsert("NEW", "")
         + " END"
