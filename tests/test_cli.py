@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -220,11 +221,15 @@ def test_unwritable_data_dir_named(run_tokencap, tmp_path):
     assert "XDG_DATA_HOME" in run.stderr
 
 
-def test_unreachable_upstream_named(run_agent, upstream):
-    closed_port = upstream.port
-    upstream.stop()
-
-    run = run_agent([], "--api", "anthropic", ANTHROPIC_BASE_URL=f"http://127.0.0.1:{closed_port}")
+def test_unreachable_upstream_named(run_agent):
+    # A socket that is bound but not listening refuses connections and keeps the port from
+    # being taken by another process while the run lasts.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        closed_port = holder.getsockname()[1]
+        run = run_agent(
+            [], "--api", "anthropic", ANTHROPIC_BASE_URL=f"http://127.0.0.1:{closed_port}"
+        )
 
     assert run.exit_code == 1
     assert f"calls could not reach http://127.0.0.1:{closed_port}" in run.stderr

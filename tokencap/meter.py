@@ -21,7 +21,7 @@ from tokencap.agents import GENERIC, AgentProfile
 from tokencap.caps import Budget, Refusal
 from tokencap.errors import LedgerError
 from tokencap.ledger import Ledger
-from tokencap.prices import Pricer, to_pico
+from tokencap.prices import Pricer, decimal_string, to_pico
 from tokencap.usage import Api, RequestInfo, StreamMeter, Usage
 
 logger = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def settle(
     values.update(
         ended_at=now().isoformat(timespec="milliseconds"),
         usage_estimated=int(estimated),
-        cost_usd=str(cost_usd.normalize()) if cost_usd else "0",
+        cost_usd=decimal_string(cost_usd),
         cost_pico_usd=to_pico(cost_usd),
         cost_estimated=int(cost.estimated if cost else True),
         price_source=cost.source if cost else "admission estimate",

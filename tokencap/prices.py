@@ -75,6 +75,11 @@ def to_pico(amount: Decimal) -> int:
     return int(quantize(amount) / PICO)
 
 
+def decimal_string(amount: Decimal) -> str:
+    """Return dollars in plain notation without trailing zeros: 0.000000000003, not 3E-12."""
+    return format(amount.normalize(), "f")
+
+
 def from_pico(pico: int) -> Decimal:
     """Convert integer picodollars back to dollars, without trailing zeros beyond cents."""
     amount = Decimal(pico) * PICO

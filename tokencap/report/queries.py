@@ -16,7 +16,7 @@ from typing import Any
 
 from tokencap.errors import ConfigError
 from tokencap.ledger import CALL_TOTALS_KEY, CALL_TOTALS_SUMS, TOKEN_COLUMNS, Ledger
-from tokencap.prices import from_pico
+from tokencap.prices import decimal_string, from_pico
 from tokencap.report.filters import (
     Filters,
     call_conditions,
@@ -86,7 +86,7 @@ class Totals:
             "calls": self.calls,
             "refused_calls": self.refused_calls,
             "tokens": dict(self.tokens),
-            "cost_usd": str(self.cost_usd),
+            "cost_usd": decimal_string(self.cost_usd),
             "cost_estimated": self.cost_estimated,
         }
 
@@ -316,7 +316,7 @@ def session_json(row: dict[str, Any]) -> dict[str, Any]:
         "calls": totals["calls"],
         "refused_calls": totals["refused_calls"],
         "tokens": {name: totals[name] for name in TOKEN_FIELDS},
-        "cost_usd": str(from_pico(totals["cost_pico_usd"])),
+        "cost_usd": decimal_string(from_pico(totals["cost_pico_usd"])),
         "cost_estimated": totals["estimated_calls"] > 0,
         "processes_stopped": row["processes_stopped"],
         "started_at": row["started_at"],
@@ -428,8 +428,8 @@ def session_detail(ledger: Ledger, session_id: str) -> SessionDetail:
                 "streamed": bool(call["streamed"]),
                 "tokens": tokens,
                 "usage_estimated": bool(call["usage_estimated"]),
-                "cost_usd": str(from_pico(pico)),
-                "cumulative_cost_usd": str(from_pico(spent)),
+                "cost_usd": decimal_string(from_pico(pico)),
+                "cumulative_cost_usd": decimal_string(from_pico(spent)),
                 "cost_estimated": bool(call["cost_estimated"]),
                 "latency_ms": call["latency_ms"],
             }
@@ -437,7 +437,7 @@ def session_detail(ledger: Ledger, session_id: str) -> SessionDetail:
         if call["agent_prompt_id"] is not None:
             _add_to_prompt(prompts, call, tokens, pico)
     detail.prompts = [
-        prompt | {"cost_usd": str(from_pico(prompt.pop("cost_pico_usd")))}
+        prompt | {"cost_usd": decimal_string(from_pico(prompt.pop("cost_pico_usd")))}
         for prompt in prompts.values()
     ]
     return detail
