@@ -232,3 +232,24 @@ def test_other_user_not_limited(upstream, run_agent, project):
     assert carol.exit_code == EXIT_CAPPED
     assert "stopped by user budget carol/day" in carol.stderr
     assert len(upstream.inference_requests()) == 2
+
+
+def test_report_shows_remaining_budget(upstream, run_agent, project, tokencap_env):
+    (project / "tokencap.toml").write_text("[tasks.refactor]\nmax_usd_total = 0.05\n")
+    upstream.default = CALL
+    run = run_agent(["--task", "refactor"], *AGENT_ARGS, "--calls", "2", cwd=project)
+    assert run.exit_code == 0, run.stderr
+
+    report = subprocess.run(
+        [str(TOKENCAP), "report", "--task", "refactor"],
+        env=tokencap_env | {"COLUMNS": "200"},
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert report.returncode == 0, report.stderr
+    assert "refactor" in report.stdout
+    # Two calls of $0.0105 leave $0.029 of the task's $0.05.
+    assert "0.029" in report.stdout

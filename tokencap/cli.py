@@ -457,6 +457,8 @@ def report(
             top=top,
             limit=limit or None,
         )
+        if output_format == "table" and path.exists():
+            _print_remaining_budgets(path)
     except TokencapError as exc:
         stderr_console().print(f"[bold red]tokencap:[/] {exc}")
         raise typer.Exit(exc.exit_code) from None
@@ -490,6 +492,20 @@ def _filters(
         models=model,
         providers=provider,
     )
+
+
+def _print_remaining_budgets(db_path: Path) -> None:
+    """Print what remains of the cumulative budgets that apply here, if any are set."""
+    from tokencap import config_report
+
+    try:
+        rows = config_report.budget_status(db_path, Path.cwd(), os.environ)
+    except TokencapError as exc:
+        # A broken budget file must not hide the spend report itself.
+        stderr_console().print(f"[yellow]tokencap:[/] remaining budgets not shown: {exc}")
+        return
+    if rows:
+        config_report.print_budget_status(_stdout_console(), rows)
 
 
 def _check_detail_options(*values: object) -> None:
