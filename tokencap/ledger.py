@@ -1,8 +1,8 @@
 """The SQLite ledger: one row per session, one row per model call.
 
 The file is shared by every `tokencap run` on the machine, so it runs in WAL mode and each
-write is its own short transaction. A call row is committed before the proxy answers the agent,
-so killing tokencap loses nothing that was already answered.
+write is its own short transaction. A call row is committed before the proxy responds to the
+agent, so killing tokencap loses no call whose response was already delivered.
 """
 
 from __future__ import annotations

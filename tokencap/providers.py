@@ -182,7 +182,7 @@ def pricing_provider(provider: Provider, api: Api) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where one provider's calls are forwarded."""
+    """The upstream base URL that one provider's calls are forwarded to."""
 
     provider: Provider
     scheme: str

@@ -106,7 +106,7 @@ class MeterAddon:
         logger.debug("passing %s through without interception", host)
 
     def _authorize(self, flow: http.HTTPFlow) -> bool:
-        """Check the Proxy-Authorization header; answer 407 when it is missing or wrong."""
+        """Check the Proxy-Authorization header and respond 407 when it is missing or wrong."""
         value = flow.request.headers.get("proxy-authorization", "")
         scheme, _, encoded = value.partition(" ")
         try:
@@ -144,7 +144,7 @@ class MeterAddon:
         prefix = f"/{self.session.secret}/"
         path = flow.request.path
         if not path.startswith(prefix):
-            # Without the secret this is not our agent: answer without forwarding anything.
+            # Without the secret this is not our agent, so respond without forwarding anything.
             flow.response = http.Response.make(
                 403,
                 b"tokencap: this proxy serves one tokencap run; the request lacks its secret\n",
@@ -194,7 +194,7 @@ class MeterAddon:
             flow.request.headers["Proxy-Authorization"] = chain.authorization
 
     def _choose_proxy(self, flow: http.HTTPFlow) -> None:
-        """Send the request through the user's proxy, or directly where NO_PROXY says so."""
+        """Send the request through the user's proxy, or directly for hosts that NO_PROXY lists."""
         if self.chain is None or "tokencap_route" not in flow.metadata:
             return
         via = self.chain.via(flow.request.host, flow.request.port)
@@ -612,8 +612,8 @@ class Proxy:
             self.addon,
         )
         proxy_master.options.update(
-            # Reverse mode rewrites the Host header to the target unless told not to; the addon
-            # sets it per upstream instead.
+            # Reverse mode rewrites the Host header to its target unless keep_host_header is
+            # set. The addon sets the header per upstream instead.
             keep_host_header=True,
             connection_strategy="lazy",
             ssl_insecure=False,

@@ -54,7 +54,7 @@ class RunOptions:
 
 @dataclass
 class RunResult:
-    """How a run ended."""
+    """The outcome of a run: exit status, end reason, spend and what was stopped."""
 
     session_id: str
     exit_code: int

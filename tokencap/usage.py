@@ -72,7 +72,7 @@ def estimate_tokens(text: str) -> int:
 
 @dataclass(slots=True)
 class RequestInfo:
-    """What the meter needs from a model request before it is sent."""
+    """The fields of a model request that the meter reads before sending it."""
 
     model: str | None
     streamed: bool
@@ -190,7 +190,7 @@ def _int_or_none(value: Any) -> int | None:
 
 @dataclass(slots=True)
 class ResponseInfo:
-    """What a model response body reported: usage, model, id and any error it carried."""
+    """The usage, model, id and error that a model response body reported."""
 
     usage: Usage | None = None
     model: str | None = None
